@@ -1,0 +1,7 @@
+"""The kernel package's exception hierarchy: every error raised by kernel/ derives from KernelError."""
+
+from __future__ import annotations
+
+
+class KernelError(Exception):
+    """Base of every error raised by tcpcp's kernel layer."""
