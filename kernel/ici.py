@@ -1,0 +1,220 @@
+"""The ICI (Internal Connection Information): every value needed to recreate one TCP endpoint.
+
+Pure values, no I/O. Field groups follow CRIU's libsoccr record and DESIGN.md section 2:
+identity, parameters fixed at setup, sequence state, the five TCP_REPAIR_WINDOW fields, the
+timestamp clock, the queues and the socket options worth keeping. Sequence numbers are plain
+ints mod 2**32; the derived ones (snd_nxt, write_seq, receive-queue start) are properties so
+the record cannot contradict itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+from kernel.errors import KernelError
+from kernel.seq import seq_add
+
+U8 = (1 << 8) - 1
+U16 = (1 << 16) - 1
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+
+class IciInvalid(KernelError, ValueError):
+    """A value does not fit the ICI model (wrong width, wrong address length, negative...)."""
+
+
+class Family(enum.IntEnum):
+    """Address family, portable (not the host's AF_* numbers)."""
+
+    IPV4 = 4
+    IPV6 = 6
+
+    @property
+    def addr_len(self) -> int:
+        return 4 if self is Family.IPV4 else 16
+
+
+class TcpState(enum.IntEnum):
+    """TCP states by the kernel's numbering (include/net/tcp_states.h)."""
+
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    SYN_RECV = 3
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+    TIME_WAIT = 6
+    CLOSE = 7
+    CLOSE_WAIT = 8
+    LAST_ACK = 9
+    LISTEN = 10
+    CLOSING = 11
+    NEW_SYN_RECV = 12
+
+
+class TcpOption(enum.IntFlag):
+    """Options negotiated at setup, bit-compatible with tcp_info's tcpi_options."""
+
+    TIMESTAMPS = 1
+    SACK = 2
+    WSCALE = 4
+    ECN = 8
+
+
+def _check_uint(name: str, value: int, top: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+        raise IciInvalid(f"{name}: expected an integer in 0..{top}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Which connection: family, local and peer address (packed bytes) and ports."""
+
+    family: Family
+    local_addr: bytes
+    local_port: int
+    peer_addr: bytes
+    peer_port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.family, Family):
+            raise IciInvalid(f"family: expected Family, got {self.family!r}")
+        for name in ("local_addr", "peer_addr"):
+            addr = getattr(self, name)
+            if not isinstance(addr, bytes) or len(addr) != self.family.addr_len:
+                raise IciInvalid(
+                    f"{name}: expected {self.family.addr_len} bytes for {self.family.name}, "
+                    f"got {addr!r}"
+                )
+        _check_uint("local_port", self.local_port, U16)
+        _check_uint("peer_port", self.peer_port, U16)
+
+    @property
+    def local_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.local_addr)
+
+    @property
+    def peer_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.peer_addr)
+
+    def __str__(self) -> str:
+        return f"{_fmt(self.local_ip, self.local_port)}>{_fmt(self.peer_ip, self.peer_port)}"
+
+
+def _fmt(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """Parameters fixed when the connection was set up."""
+
+    mss_clamp: int
+    snd_wscale: int
+    rcv_wscale: int
+    options: TcpOption
+
+    def __post_init__(self) -> None:
+        _check_uint("mss_clamp", self.mss_clamp, U16)
+        _check_uint("snd_wscale", self.snd_wscale, U8)
+        _check_uint("rcv_wscale", self.rcv_wscale, U8)
+        if not isinstance(self.options, TcpOption):
+            raise IciInvalid(f"options: expected TcpOption flags, got {self.options!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The five fields of struct tcp_repair_window."""
+
+    snd_wl1: int
+    snd_wnd: int
+    max_window: int
+    rcv_wnd: int
+    rcv_wup: int
+
+    def __post_init__(self) -> None:
+        for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
+            _check_uint(name, getattr(self, name), U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Timestamp:
+    """The TCP_TIMESTAMP clock value and the wall-clock instant (ms since the epoch) it was read."""
+
+    tsval: int
+    read_at_ms: int
+
+    def __post_init__(self) -> None:
+        _check_uint("tsval", self.tsval, U32)
+        _check_uint("read_at_ms", self.read_at_ms, U64)
+
+    def estimate(self, now_ms: int, margin_ms: int) -> int:
+        """The value to continue the clock with at now_ms: read value + elapsed + margin."""
+        elapsed = max(0, now_ms - self.read_at_ms)
+        return seq_add(self.tsval, elapsed + margin_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class SockOpts:
+    """Socket options worth keeping. Buffer sizes of 0 mean "autotuned: leave the kernel's"."""
+
+    nodelay: bool = False
+    keepalive: bool = False
+    keepidle: int = 7200
+    keepintvl: int = 75
+    keepcnt: int = 9
+    sndbuf: int = 0
+    rcvbuf: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("nodelay", "keepalive"):
+            if not isinstance(getattr(self, name), bool):
+                raise IciInvalid(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        for name in ("keepidle", "keepintvl", "keepcnt", "sndbuf", "rcvbuf"):
+            _check_uint(name, getattr(self, name), U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Ici:
+    """One TCP endpoint.
+
+    snd_una is the first byte of the send queue; `sent` were transmitted at least once and
+    `unsent` never were. rcv_nxt is the next byte expected from the peer; `received` are the
+    bytes before it that the application has not read yet.
+    """
+
+    identity: Identity
+    state: TcpState
+    params: Params
+    snd_una: int
+    rcv_nxt: int
+    window: Window
+    timestamp: Timestamp
+    sent: bytes = b""
+    unsent: bytes = b""
+    received: bytes = b""
+    sockopts: SockOpts = field(default_factory=SockOpts)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, TcpState):
+            raise IciInvalid(f"state: expected TcpState, got {self.state!r}")
+        _check_uint("snd_una", self.snd_una, U32)
+        _check_uint("rcv_nxt", self.rcv_nxt, U32)
+        for name in ("sent", "unsent", "received"):
+            if not isinstance(getattr(self, name), bytes):
+                raise IciInvalid(f"{name}: expected bytes, got {type(getattr(self, name))}")
+
+    @property
+    def snd_nxt(self) -> int:
+        return seq_add(self.snd_una, len(self.sent))
+
+    @property
+    def write_seq(self) -> int:
+        return seq_add(self.snd_nxt, len(self.unsent))
+
+    @property
+    def rcv_queue_seq(self) -> int:
+        """Sequence number of the first byte of the receive queue (the kernel's copied_seq)."""
+        return seq_add(self.rcv_nxt, -len(self.received))

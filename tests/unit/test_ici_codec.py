@@ -1,0 +1,155 @@
+"""Property tests of the ICI model and its portable codec: round trip, and refusal of bad bytes."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernel.codec import MAGIC, VERSION, IciDecodeError, decode, encode
+from kernel.errors import KernelError
+from kernel.ici import (
+    Family,
+    Ici,
+    IciInvalid,
+    Identity,
+    Params,
+    SockOpts,
+    TcpOption,
+    TcpState,
+    Timestamp,
+    Window,
+)
+
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+queue = st.binary(max_size=300)
+
+
+@st.composite
+def identities(draw: st.DrawFn) -> Identity:
+    family = draw(st.sampled_from(Family))
+    addr = st.binary(min_size=family.addr_len, max_size=family.addr_len)
+    return Identity(family, draw(addr), draw(u16), draw(addr), draw(u16))
+
+
+icis = st.builds(
+    Ici,
+    identity=identities(),
+    state=st.sampled_from(TcpState),
+    params=st.builds(Params, mss_clamp=u16, snd_wscale=st.integers(0, 255),
+                     rcv_wscale=st.integers(0, 255),
+                     options=st.builds(TcpOption, st.integers(0, 15))),
+    snd_una=u32,
+    rcv_nxt=u32,
+    window=st.builds(Window, u32, u32, u32, u32, u32),
+    timestamp=st.builds(Timestamp, u32, st.integers(0, (1 << 64) - 1)),
+    sent=queue,
+    unsent=queue,
+    received=queue,
+    sockopts=st.builds(SockOpts, st.booleans(), st.booleans(), u32, u32, u32, u32, u32),
+)
+
+
+@given(icis)
+def test_every_ici_decodes_to_itself(ici: Ici) -> None:
+    assert decode(encode(ici)) == ici
+
+
+@given(icis)
+def test_derived_sequence_numbers_follow_the_queues(ici: Ici) -> None:
+    assert (ici.write_seq - ici.snd_una) % 2**32 == len(ici.sent) + len(ici.unsent)
+    assert (ici.rcv_nxt - ici.rcv_queue_seq) % 2**32 == len(ici.received)
+
+
+@given(st.binary(max_size=400))
+def test_random_bytes_raise_only_the_decode_error(data: bytes) -> None:
+    with pytest.raises(IciDecodeError):
+        decode(data)
+
+
+@given(st.binary(max_size=400))
+def test_random_body_with_a_valid_header_and_checksum_raises_only_the_decode_error(
+    body: bytes,
+) -> None:
+    head = struct.pack("!4sHHI", MAGIC, VERSION, 0, 12 + len(body) + 4)
+    data = head + body + struct.pack("!I", zlib.crc32(head + body))
+    try:
+        ici = decode(data)
+    except IciDecodeError:
+        return
+    assert encode(ici) == data
+
+
+@settings(max_examples=200)
+@given(icis, st.data())
+def test_a_changed_byte_is_refused(ici: Ici, data: st.DataObject) -> None:
+    raw = bytearray(encode(ici))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    raw[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(IciDecodeError):
+        decode(bytes(raw))
+
+
+@given(icis, st.data())
+def test_truncated_bytes_are_refused(ici: Ici, data: st.DataObject) -> None:
+    raw = encode(ici)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(IciDecodeError):
+        decode(raw[:cut])
+
+
+@given(icis, st.binary(min_size=1, max_size=20))
+def test_trailing_bytes_are_refused(ici: Ici, extra: bytes) -> None:
+    with pytest.raises(IciDecodeError):
+        decode(encode(ici) + extra)
+
+
+def _resealed(raw: bytes, offset: int, value: bytes) -> bytes:
+    b = bytearray(raw[:-4])
+    b[offset : offset + len(value)] = value
+    return bytes(b) + struct.pack("!I", zlib.crc32(bytes(b)))
+
+
+@given(icis)
+def test_an_unknown_version_is_refused_naming_the_version(ici: Ici) -> None:
+    with pytest.raises(IciDecodeError, match="version: expected 1, got 2") as err:
+        decode(_resealed(encode(ici), 4, struct.pack("!H", 2)))
+    assert err.value.field == "version"
+
+
+@given(icis)
+def test_an_unknown_family_is_refused_naming_the_family(ici: Ici) -> None:
+    with pytest.raises(IciDecodeError, match="family: expected 4 or 6, got 5"):
+        decode(_resealed(encode(ici), 12, b"\x05"))
+
+
+def test_an_oversized_queue_length_is_refused_before_reading_it() -> None:
+    ici = Ici(
+        identity=Identity(Family.IPV4, b"\x0a\x00\x00\x01", 80, b"\x0a\x00\x00\x02", 5000),
+        state=TcpState.ESTABLISHED,
+        params=Params(1460, 7, 7, TcpOption.WSCALE),
+        snd_una=1,
+        rcv_nxt=2,
+        window=Window(2, 100, 100, 100, 2),
+        timestamp=Timestamp(0, 0),
+    )
+    raw = encode(ici)
+    sent_len_at = len(raw) - 4 - 12
+    with pytest.raises(IciDecodeError, match="sent queue length: expected at most"):
+        decode(_resealed(raw, sent_len_at, struct.pack("!I", 0xFFFFFFFF)))
+
+
+def test_decode_error_and_invalid_values_are_kernel_errors() -> None:
+    assert issubclass(IciDecodeError, KernelError)
+    with pytest.raises(IciInvalid, match="local_addr: expected 4 bytes for IPV4"):
+        Identity(Family.IPV4, b"\x00" * 16, 1, b"\x00" * 4, 2)
+
+
+def test_timestamp_estimate_adds_elapsed_time_and_margin_and_wraps() -> None:
+    ts = Timestamp(tsval=0xFFFFFFF0, read_at_ms=1_000)
+    assert ts.estimate(now_ms=1_030, margin_ms=100) == (0xFFFFFFF0 + 130) % 2**32
+    assert ts.estimate(now_ms=900, margin_ms=5) == 0xFFFFFFF5

@@ -1,0 +1,140 @@
+"""Tests of the pre-restore sanity checks: good ICIs pass, each broken invariant is named."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernel.ici import (
+    Family,
+    Ici,
+    Identity,
+    Params,
+    TcpOption,
+    TcpState,
+    Timestamp,
+    Window,
+)
+from kernel.sanity import IciRejected, RestorePolicy, check
+from kernel.seq import seq_add
+
+POLICY = RestorePolicy.serving("10.77.9.1", "fd77:9::1")
+ALL_OPTS = TcpOption.TIMESTAMPS | TcpOption.SACK | TcpOption.WSCALE
+
+
+@st.composite
+def sane_icis(draw: st.DrawFn) -> Ici:
+    """ICIs as a live Linux connection produces them."""
+    v6 = draw(st.booleans())
+    family = Family.IPV6 if v6 else Family.IPV4
+    local = ipaddress.ip_address("fd77:9::1" if v6 else "10.77.9.1").packed
+    peer = ipaddress.ip_address("fd77:1::2" if v6 else "10.77.1.2").packed
+    rcv_nxt = draw(st.integers(0, 2**32 - 1))
+    rcv_wnd = draw(st.integers(0, 65535 << 7))
+    snd_wnd = draw(st.integers(0, 65535 << 7))
+    wscale = draw(st.integers(0, 14))
+    return Ici(
+        identity=Identity(family, local, draw(st.integers(1, 65535)), peer,
+                          draw(st.integers(1, 65535))),
+        state=TcpState.ESTABLISHED,
+        params=Params(draw(st.integers(88, 65495)), wscale, wscale, ALL_OPTS),
+        snd_una=draw(st.integers(0, 2**32 - 1)),
+        rcv_nxt=rcv_nxt,
+        window=Window(
+            snd_wl1=seq_add(rcv_nxt, -draw(st.integers(0, 1 << 20))),
+            snd_wnd=snd_wnd,
+            max_window=snd_wnd + draw(st.integers(0, 1 << 16)),
+            rcv_wnd=rcv_wnd,
+            rcv_wup=seq_add(rcv_nxt, -draw(st.integers(0, rcv_wnd))),
+        ),
+        timestamp=Timestamp(draw(st.integers(0, 2**32 - 1)), 0),
+        sent=draw(st.binary(max_size=100)),
+        unsent=draw(st.binary(max_size=100)),
+        received=draw(st.binary(max_size=100)),
+    )
+
+
+@given(sane_icis())
+def test_an_ici_from_a_live_connection_passes(ici: Ici) -> None:
+    check(ici, POLICY)
+
+
+def _with(ici: Ici, **changes: object) -> Ici:
+    groups: dict[str, Any] = {"params": ici.params, "window": ici.window,
+                              "identity": ici.identity}
+    top: dict[str, Any] = {}
+    for key, value in changes.items():
+        for gname, group in groups.items():
+            if key in {f.name for f in dataclasses.fields(group)}:
+                groups[gname] = dataclasses.replace(group, **{key: value})
+                top[gname] = groups[gname]
+                break
+        else:
+            top[key] = value
+    return dataclasses.replace(ici, **top)
+
+
+@given(sane_icis(), st.sampled_from(["snd_wscale", "rcv_wscale"]), st.integers(15, 255))
+def test_a_window_scale_above_14_is_refused(ici: Ici, name: str, value: int) -> None:
+    with pytest.raises(IciRejected, match=f"{name} must be <= 14, got {value}"):
+        check(_with(ici, **{name: value}), POLICY)
+
+
+@given(sane_icis(), st.integers(1, 1 << 20))
+def test_max_window_below_snd_wnd_is_refused(ici: Ici, short: int) -> None:
+    bad = _with(ici, snd_wnd=ici.window.max_window + short)
+    with pytest.raises(IciRejected, match=r"max_window .* < snd_wnd"):
+        check(bad, POLICY)
+
+
+@given(sane_icis(), st.integers(1, 1 << 30))
+def test_rcv_wup_after_rcv_nxt_is_refused(ici: Ici, ahead: int) -> None:
+    with pytest.raises(IciRejected, match=r"rcv_wup .* is after rcv_nxt"):
+        check(_with(ici, rcv_wup=seq_add(ici.rcv_nxt, ahead)), POLICY)
+
+
+@given(sane_icis(), st.integers(1, 1 << 29))
+def test_snd_wl1_beyond_the_receive_window_is_refused(ici: Ici, ahead: int) -> None:
+    wl1 = seq_add(ici.rcv_nxt, ici.window.rcv_wnd + ahead)
+    with pytest.raises(IciRejected, match=r"snd_wl1 .* is after rcv_nxt"):
+        check(_with(ici, snd_wl1=wl1), POLICY)
+
+
+@given(sane_icis(), st.sampled_from([0, 87, 65496, 65535]))
+def test_an_mss_outside_the_kernel_range_is_refused(ici: Ici, mss: int) -> None:
+    with pytest.raises(IciRejected, match=f"mss: expected 88..65495, got {mss}"):
+        check(_with(ici, mss_clamp=mss), POLICY)
+
+
+@given(sane_icis())
+def test_a_local_address_the_host_does_not_serve_is_refused(ici: Ici) -> None:
+    foreign = b"\x0a\x00\x00\x63" if ici.identity.family is Family.IPV4 else b"\xfe" * 16
+    with pytest.raises(IciRejected, match="is not an address this host serves"):
+        check(_with(ici, local_addr=foreign), POLICY)
+
+
+@given(sane_icis(), st.sampled_from([s for s in TcpState if s is not TcpState.ESTABLISHED]))
+def test_an_unsupported_state_is_refused(ici: Ici, state: TcpState) -> None:
+    with pytest.raises(IciRejected, match=f"expected one of ESTABLISHED, got {state.name}"):
+        check(_with(ici, state=state), POLICY)
+
+
+@given(sane_icis())
+def test_queues_beyond_the_configured_limits_are_refused(ici: Ici) -> None:
+    small = dataclasses.replace(POLICY, max_send_queue=10, max_recv_queue=10)
+    with pytest.raises(IciRejected, match="send queue: 11 bytes exceed the limit of 10"):
+        check(dataclasses.replace(ici, sent=b"x" * 5, unsent=b"y" * 6, received=b""), small)
+    with pytest.raises(IciRejected, match="receive queue: 11 bytes exceed the limit of 10"):
+        check(dataclasses.replace(ici, sent=b"", unsent=b"", received=b"z" * 11), small)
+
+
+@given(sane_icis())
+def test_a_scale_without_negotiated_window_scaling_is_refused(ici: Ici) -> None:
+    bad = _with(ici, options=TcpOption.SACK, snd_wscale=3)
+    with pytest.raises(IciRejected, match="window scaling was not negotiated"):
+        check(bad, POLICY)
