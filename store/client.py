@@ -1,0 +1,562 @@
+"""CheckpointStore: the thin I/O shell between tcpcp and Redis (standalone, Sentinel, Cluster).
+
+Every write is one call into the `tcpcp` Redis Function library (store/functions.lua), which
+checks the epoch atomically; the requested durability (WAIT / WAITAOF) is sent on the same
+connection in the same round trip, and a put returns only once it holds.
+
+    with CheckpointStore.connect(config, keyring) as store:
+        epoch = store.lease_acquire("origin-a", holder="origin-a", ttl_ms=3000)
+        store.put(Checkpoint(origin="origin-a", conn="...", epoch=epoch, version=1, ...))
+        store.lease_renew("origin-a", "origin-a", epoch, ttl_ms=3000)
+    # resurrector:
+        state = store.state("origin-a")                  # lease expired?
+        epoch = store.claim("origin-a", "standby-1", state.epoch, ttl_ms=3000)
+        for item in store.records("origin-a"): ...       # verified checkpoints or refusals
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+import redis.exceptions as rx
+import structlog
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+from redis.sentinel import MasterNotFoundError, Sentinel
+
+from store.config import DurabilityMode, StoreConfig, Topology
+from store.errors import (
+    ClaimLost,
+    DurabilityError,
+    DurabilityUnsupported,
+    InvalidCheckpoint,
+    LeaseHeld,
+    LeaseLost,
+    LibraryVersionError,
+    NotOwner,
+    RecordError,
+    StaleEpoch,
+    StoreConfigError,
+    StoreError,
+    StoreUnavailable,
+    TooManyRecords,
+    VersionNotNewer,
+    WriteRefused,
+)
+from store.keys import META_PATTERN, OriginKeys, check_name, origin_of_meta_key
+from store.record import Checkpoint, decode, encode
+from store.signing import KeyRing
+
+log = structlog.get_logger()
+
+LIBRARY_SOURCE = resources.files("store").joinpath("functions.lua").read_text(encoding="utf-8")
+_version_match = re.search(r"^local LIBRARY_VERSION = (\d+)$", LIBRARY_SOURCE, re.MULTILINE)
+assert _version_match, "store/functions.lua must define LIBRARY_VERSION"
+LIBRARY_VERSION = int(_version_match.group(1))
+
+PUT_BATCH = 64  # records per FCALL in put_many
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class OriginState:
+    """One consistent view of an origin's fencing state."""
+
+    origin: str
+    epoch: int
+    owner: str | None
+    lease_holder: str | None
+    lease_ms_left: int | None  # None when no lease is live
+
+
+@dataclass(frozen=True, slots=True)
+class PutOutcome:
+    """Result of one record in put_many: `error` is None when it was stored."""
+
+    conn: str
+    version: int
+    error: WriteRefused | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """One stored record as read back: a verified checkpoint, or the reason it is refused."""
+
+    conn: str
+    size: int
+    checkpoint: Checkpoint | None
+    error: RecordError | None
+
+
+# --- error translation -----------------------------------------------------------------------
+
+def _fields(message: str) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in message.split() if "=" in p)
+
+
+def _refusal(message: str, origin: str) -> WriteRefused | None:
+    """The WriteRefused for a TCPCP_* error reply from the library, or None if it is not one."""
+    code = message.split(" ", 1)[0]
+    f = _fields(message)
+    if code == "TCPCP_STALE_EPOCH":
+        return StaleEpoch(
+            f"write to origin {origin!r} must carry the current epoch {f['current']}, "
+            f"got {f['given']}: the writer is fenced",
+            given=int(f["given"]), current=int(f["current"]))
+    if code == "TCPCP_LEASE_HELD":
+        return LeaseHeld(f"lease of origin {origin!r} must be free or ours, "
+                         f"but {f['holder']!r} holds it")
+    if code == "TCPCP_LEASE_LOST":
+        return LeaseLost(f"lease of origin {origin!r} must be held by the caller, "
+                         f"got holder {f['holder']!r} (expired or taken)")
+    if code == "TCPCP_NOT_OWNER":
+        return NotOwner(f"origin {origin!r} must be owned by the caller, but {f['owner']!r} "
+                        f"owns it at epoch {f['epoch']}: the caller is fenced")
+    if code == "TCPCP_CLAIM_LOST":
+        return ClaimLost(f"claim of origin {origin!r} expected epoch {f['seen']}, "
+                         f"got {f['current']}: another claimer won")
+    return None
+
+
+def _item_refusal(status: str, origin: str, conn: str, version: int, limit: int) -> WriteRefused:
+    code, _, value = status.partition(" ")
+    if code == "VERSION_NOT_NEWER":
+        return VersionNotNewer(
+            f"record {origin}/{conn} must have a version above the stored {value}, got {version}",
+            given=version, stored=int(value))
+    if code == "TOO_MANY":
+        return TooManyRecords(f"origin {origin!r} may hold at most {limit} records, has {value}")
+    return WriteRefused(f"record {origin}/{conn} refused by the store: {status}")
+
+
+def _translate(exc: Exception, what: str) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, rx.AuthenticationError | rx.AuthenticationWrongNumberOfArgsError):
+        return StoreConfigError(f"{what}: Redis refused the credentials: {exc}")
+    if isinstance(exc, rx.NoPermissionError):
+        return StoreConfigError(f"{what}: the Redis ACL user lacks a permission: {exc}")
+    if isinstance(exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError
+                  | rx.ClusterDownError | MasterNotFoundError | rx.SlotNotCoveredError):
+        return StoreUnavailable(f"{what}: Redis unreachable or not primary: {exc}")
+    if isinstance(exc, rx.ResponseError) and str(exc).startswith(("READONLY", "LOADING",
+                                                                  "MASTERDOWN", "TRYAGAIN")):
+        return StoreUnavailable(f"{what}: Redis cannot serve writes now: {exc}")
+    return StoreError(f"{what}: unexpected Redis reply: {exc!r}")
+
+
+def _scan_meta_keys(client: redis.Redis) -> list[bytes]:
+    return list(client.scan_iter(match=META_PATTERN, count=1000))
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+class _Router:
+    """Gives the Redis client that serves an origin's slot, and every primary."""
+
+    def for_keys(self, keys: OriginKeys) -> redis.Redis:
+        raise NotImplementedError
+
+    def primaries(self) -> list[redis.Redis]:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Forget cached topology after an error (cluster slots move)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _Single(_Router):
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def for_keys(self, keys: OriginKeys) -> redis.Redis:
+        return self.client
+
+    def primaries(self) -> list[redis.Redis]:
+        return [self.client]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _Cluster(_Router):
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+
+    def for_keys(self, keys: OriginKeys) -> redis.Redis:
+        node = self.cluster.get_node_from_key(keys.meta)
+        return self.cluster.get_redis_connection(node)
+
+    def primaries(self) -> list[redis.Redis]:
+        return [self.cluster.get_redis_connection(n) for n in self.cluster.get_primaries()]
+
+    def refresh(self) -> None:
+        self.cluster.nodes_manager.initialize()
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+def _connection_kwargs(config: StoreConfig) -> dict[str, Any]:
+    wait_s = config.durability.timeout_ms / 1000 if config.durability.mode is not \
+        DurabilityMode.NONE else 0.0
+    kw: dict[str, Any] = {
+        "username": config.username,
+        "password": config.password,
+        "socket_timeout": max(config.socket_timeout_s, wait_s + 1.0),
+        "socket_connect_timeout": config.connect_timeout_s,
+        "retry": Retry(NoBackoff(), 0),  # a retried put could be applied twice: caller decides
+    }
+    if config.tls is not None:
+        kw.update(ssl=True, ssl_ca_certs=config.tls.ca_file, ssl_certfile=config.tls.cert_file,
+                  ssl_keyfile=config.tls.key_file,
+                  ssl_cert_reqs="required" if config.tls.verify else "none",
+                  ssl_check_hostname=config.tls.verify)
+    return kw
+
+
+def _open_router(config: StoreConfig) -> _Router:
+    kw = _connection_kwargs(config)
+    if config.topology is Topology.STANDALONE:
+        assert config.url is not None
+        if config.url.startswith("rediss://"):
+            kw.pop("ssl", None)
+        return _Single(redis.Redis.from_url(config.url, **kw))
+    if config.topology is Topology.CLUSTER:
+        assert config.url is not None
+        kw.pop("retry")
+        if config.url.startswith("rediss://"):
+            kw.pop("ssl", None)
+        return _Cluster(RedisCluster.from_url(config.url, **kw))
+    sentinel_kw: dict[str, Any] = {
+        "username": config.sentinel_username, "password": config.sentinel_password,
+        "socket_timeout": config.connect_timeout_s,
+        "socket_connect_timeout": config.connect_timeout_s,
+    }
+    if config.tls is not None:
+        sentinel_kw.update({k: v for k, v in kw.items() if k.startswith("ssl")})
+    sentinel = Sentinel(list(config.sentinels), sentinel_kwargs=sentinel_kw, **kw)
+    assert config.service is not None
+    return _Single(sentinel.master_for(config.service, **kw))
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+class CheckpointStore:
+    """Fenced, signed, durable checkpoint records in Redis. Use `connect`; close when done."""
+
+    def __init__(self, config: StoreConfig, keys: KeyRing, router: _Router) -> None:
+        self.config = config
+        self.keys = keys
+        self.limits = config.limits
+        self._router = router
+        self._log = log.bind(store=config.topology.value,
+                             where=config.url or f"{config.service}@{config.sentinels}")
+
+    @classmethod
+    def connect(cls, config: StoreConfig, keys: KeyRing) -> CheckpointStore:
+        """Connect, load the Function library if missing or older, check durability support."""
+        try:
+            router = _open_router(config)
+        except (rx.RedisError, ValueError, OSError) as exc:
+            raise _translate(exc, "connecting to the store") from exc
+        store = cls(config, keys, router)
+        try:
+            store._prepare()
+        except BaseException:
+            router.close()
+            raise
+        return store
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._router.close()
+
+    # -- connect-time checks --
+
+    def _prepare(self) -> None:
+        for client in self._call("listing primaries", self._router.primaries):
+            self._call("loading the function library", partial(self._ensure_library, client))
+            self._call("checking durability support", partial(self._check_durability, client))
+
+    def _ensure_library(self, client: redis.Redis) -> None:
+        try:
+            loaded = int(client.execute_command("FCALL_RO", "tcpcp_version", 0))
+        except rx.ResponseError as exc:
+            if "not found" not in str(exc).lower():
+                raise
+            loaded = 0
+        if loaded > LIBRARY_VERSION:
+            raise LibraryVersionError(
+                f"function library tcpcp must be at most version {LIBRARY_VERSION} for this "
+                f"client, got version {loaded} on the server: upgrade tcpcp"
+            )
+        if loaded < LIBRARY_VERSION:
+            client.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY_SOURCE)
+            self._log.info("function_library_loaded", version=LIBRARY_VERSION, previous=loaded)
+
+    def _check_durability(self, client: redis.Redis) -> None:
+        d = self.config.durability
+        if d.mode is DurabilityMode.WAIT:
+            client.execute_command("WAIT", 0, 1)
+        elif d.mode is DurabilityMode.WAITAOF:
+            try:
+                client.execute_command("WAITAOF", 0, 0, 1)
+            except rx.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                raise DurabilityUnsupported(
+                    f"durability {d} needs the WAITAOF command (Redis >= 7.2); the server at "
+                    f"{self._log._context.get('where')} is Redis {self._server_version(client)}, "
+                    "which lacks it: use none or wait:N"
+                ) from None
+
+    @staticmethod
+    def _server_version(client: redis.Redis) -> str:
+        try:
+            hello = client.execute_command("HELLO")
+            props = dict(zip(hello[::2], hello[1::2], strict=False)) if isinstance(hello, list) \
+                else hello
+            v = props.get(b"version") or props.get("version")
+            return v.decode() if isinstance(v, bytes) else str(v)
+        except rx.RedisError:
+            return "(version unknown)"
+
+    # -- plumbing --
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run fn, translating Redis errors; on a topology error refresh the routes once."""
+        for attempt in (1, 2):
+            try:
+                return fn()
+            except (rx.MovedError, rx.AskError, rx.ClusterDownError) as exc:
+                if attempt == 2 or self.config.topology is not Topology.CLUSTER:
+                    raise _translate(exc, what) from exc
+                self._router.refresh()
+            except StoreError:
+                raise
+            except (rx.RedisError, OSError) as exc:
+                raise _translate(exc, what) from exc
+        raise AssertionError("unreachable")
+
+    def _fcall(self, name: str, keys: OriginKeys, *args: object) -> Any:
+        def run() -> Any:
+            client = self._router.for_keys(keys)
+            try:
+                return client.execute_command("FCALL", name, 4, *keys.all(), *args)
+            except rx.ResponseError as exc:
+                refusal = _refusal(str(exc), keys.origin)
+                if refusal is not None:
+                    raise refusal from None
+                raise
+        return self._call(f"{name} on origin {keys.origin!r}", run)
+
+    def _durability_command(self) -> tuple[object, ...] | None:
+        d = self.config.durability
+        if d.mode is DurabilityMode.WAIT:
+            return ("WAIT", d.replicas, d.timeout_ms)
+        if d.mode is DurabilityMode.WAITAOF:
+            return ("WAITAOF", d.local, d.replicas, d.timeout_ms)
+        return None
+
+    def _check_durable(self, reply: Any, origin: str) -> None:
+        d = self.config.durability
+        if isinstance(reply, Exception):
+            raise _translate(reply, f"durability {d} on origin {origin!r}")
+        if d.mode is DurabilityMode.WAIT and int(reply) < d.replicas:
+            raise DurabilityError(
+                f"write to origin {origin!r} needed {d.replicas} replica(s) within "
+                f"{d.timeout_ms} ms (WAIT), got {int(reply)}: not durable, keep the gate closed"
+            )
+        if d.mode is DurabilityMode.WAITAOF:
+            local, replicas = int(reply[0]), int(reply[1])
+            if local < d.local or replicas < d.replicas:
+                raise DurabilityError(
+                    f"write to origin {origin!r} needed AOF fsync local={d.local} and on "
+                    f"{d.replicas} replica(s) within {d.timeout_ms} ms (WAITAOF), got "
+                    f"local={local} replicas={replicas}: not durable, keep the gate closed"
+                )
+
+    def _put_batches(self, keys: OriginKeys, epoch: int,
+                     batches: list[list[tuple[str, int, bytes]]]) -> list[str]:
+        """FCALL tcpcp_put per batch plus one durability command, pipelined on one connection."""
+        limits = self.limits
+
+        def run() -> list[str]:
+            pipe = self._router.for_keys(keys).pipeline(transaction=False)
+            for batch in batches:
+                args: list[object] = [epoch, limits.max_records_per_origin, limits.max_record]
+                for conn, version, record in batch:
+                    args += [conn, version, record]
+                pipe.execute_command("FCALL", "tcpcp_put", 4, *keys.all(), *args)
+            durability = self._durability_command()
+            if durability is not None:
+                pipe.execute_command(*durability)
+            replies = pipe.execute(raise_on_error=False)
+            statuses: list[str] = []
+            for reply in replies[:len(batches)]:
+                if isinstance(reply, rx.ResponseError):
+                    refusal = _refusal(str(reply), keys.origin)
+                    raise refusal if refusal is not None else reply
+                if isinstance(reply, Exception):
+                    raise reply
+                statuses += [s.decode() if isinstance(s, bytes) else str(s) for s in reply]
+            if durability is not None and any(s == "OK" for s in statuses):
+                self._check_durable(replies[-1], keys.origin)
+            return statuses
+        return self._call(f"put on origin {keys.origin!r}", run)
+
+    # -- writes --
+
+    def put(self, cp: Checkpoint) -> None:
+        """Store `cp` (signed) if its epoch is current and its version newer; return once durable.
+
+        Raises StaleEpoch, VersionNotNewer, TooManyRecords, DurabilityError, StoreUnavailable.
+        """
+        record = encode(cp, self.keys, self.limits)
+        (status,) = self._put_batches(OriginKeys(cp.origin), cp.epoch,
+                                      [[(cp.conn, cp.version, record)]])
+        if status != "OK":
+            raise _item_refusal(status, cp.origin, cp.conn, cp.version,
+                                self.limits.max_records_per_origin)
+
+    def put_many(self, checkpoints: Iterable[Checkpoint],
+                 batch: int = PUT_BATCH) -> list[PutOutcome]:
+        """Store many checkpoints of ONE origin and epoch in one round trip (bulk checkpoints).
+
+        Every record is checked on its own (a refused version does not stop the others); a stale
+        epoch refuses them all (StaleEpoch); durability is awaited once for the whole set.
+        """
+        cps = list(checkpoints)
+        if not cps:
+            return []
+        origin, epoch = cps[0].origin, cps[0].epoch
+        for cp in cps:
+            if (cp.origin, cp.epoch) != (origin, epoch):
+                raise InvalidCheckpoint(
+                    f"put_many needs one origin and epoch ({origin!r}, {epoch}), "
+                    f"got ({cp.origin!r}, {cp.epoch})"
+                )
+        items = [(cp.conn, cp.version, encode(cp, self.keys, self.limits)) for cp in cps]
+        statuses = self._put_batches(OriginKeys(origin), epoch,
+                                     [items[i:i + batch] for i in range(0, len(items), batch)])
+        return [
+            PutOutcome(cp.conn, cp.version, None if status == "OK" else _item_refusal(
+                status, origin, cp.conn, cp.version, self.limits.max_records_per_origin))
+            for cp, status in zip(cps, statuses, strict=True)
+        ]
+
+    def delete(self, origin: str, epoch: int, conns: Iterable[str]) -> int:
+        """Delete closed connections' records (fenced by epoch); returns how many existed."""
+        names = [check_name("connection", c) for c in conns]
+        if not names:
+            return 0
+        return int(self._fcall("tcpcp_delete", OriginKeys(origin), epoch, *names))
+
+    def lease_acquire(self, origin: str, holder: str, ttl_ms: int) -> int:
+        """Take the origin's lease (first owner becomes owner at epoch 1); returns the epoch.
+
+        Raises LeaseHeld if another holder's lease is live, NotOwner if another holder owns it.
+        """
+        check_name("holder", holder)
+        return int(self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms)))
+
+    def lease_renew(self, origin: str, holder: str, epoch: int, ttl_ms: int) -> None:
+        """Extend a live lease. Raises LeaseLost (expired), StaleEpoch/NotOwner (fenced)."""
+        self._fcall("tcpcp_lease_renew", OriginKeys(origin), holder, epoch, int(ttl_ms))
+
+    def lease_release(self, origin: str, holder: str, epoch: int) -> None:
+        """Give the lease up at once (ownership and epoch stay)."""
+        self._fcall("tcpcp_lease_release", OriginKeys(origin), holder, epoch)
+
+    def claim(self, origin: str, holder: str, seen_epoch: int, ttl_ms: int) -> int:
+        """Fence the origin: bump its epoch, become owner and lease holder; returns the epoch.
+
+        `seen_epoch` is the epoch read (state()) when the lease was seen expired; of claimers
+        that saw the same epoch exactly one wins, the others get ClaimLost. LeaseHeld while
+        another holder's lease is live.
+        """
+        check_name("holder", holder)
+        return int(self._fcall("tcpcp_claim", OriginKeys(origin), holder, seen_epoch,
+                               int(ttl_ms)))
+
+    # -- reads --
+
+    def state(self, origin: str) -> OriginState:
+        keys = OriginKeys(origin)
+
+        def run() -> Any:
+            return self._router.for_keys(keys).execute_command(
+                "FCALL_RO", "tcpcp_state", 4, *keys.all())
+        epoch, owner, lease, pttl = self._call(f"state of origin {origin!r}", run)
+        return OriginState(origin=origin, epoch=int(epoch), owner=owner.decode() or None,
+                           lease_holder=lease.decode() or None,
+                           lease_ms_left=int(pttl) if int(pttl) >= 0 else None)
+
+    def get_raw(self, origin: str, conn: str) -> bytes | None:
+        keys = OriginKeys(origin)
+        def run() -> bytes | None:
+            raw: Any = self._router.for_keys(keys).hget(keys.records, conn)
+            return raw
+        return self._call(f"get {origin}/{conn}", run)
+
+    def get(self, origin: str, conn: str) -> Checkpoint | None:
+        """The verified checkpoint of one connection, None if absent; RecordError if refused."""
+        raw = self.get_raw(origin, conn)
+        if raw is None:
+            return None
+        return decode(raw, self.keys, origin=origin, conn=conn, limits=self.limits)
+
+    def connections(self, origin: str) -> dict[str, int]:
+        """Connection name -> stored version, for every record of the origin."""
+        keys = OriginKeys(origin)
+
+        def run() -> dict[str, int]:
+            client = self._router.for_keys(keys)
+            return {k.decode(): int(v) for k, v in client.hscan_iter(keys.versions, count=500)}
+        return dict(sorted(self._call(f"list origin {origin!r}", run).items()))
+
+    def records(self, origin: str, count: int = 100) -> Iterator[ReadResult]:
+        """Every stored record of the origin, each verified or refused with its reason."""
+        keys = OriginKeys(origin)
+        cursor: int = 0
+        while True:
+            def step(cur: int = cursor) -> tuple[int, dict[bytes, bytes]]:
+                reply: Any = self._router.for_keys(keys).hscan(keys.records, cur, count=count)
+                return int(reply[0]), reply[1]
+            cursor, page = self._call(f"read records of origin {origin!r}", step)
+            for raw_conn, raw in sorted(page.items()):
+                conn = raw_conn.decode("utf-8", errors="replace")
+                try:
+                    cp = decode(raw, self.keys, origin=origin, conn=conn, limits=self.limits)
+                    yield ReadResult(conn, len(raw), cp, None)
+                except RecordError as exc:
+                    yield ReadResult(conn, len(raw), None, exc)
+            if cursor == 0:
+                return
+
+    def origins(self) -> list[str]:
+        """Every origin that has fencing state in the store (scans all primaries)."""
+        found: set[str] = set()
+        for client in self._call("listing primaries", self._router.primaries):
+            keys = self._call("scanning origins", partial(_scan_meta_keys, client))
+            found.update(o for o in map(origin_of_meta_key, keys) if o is not None)
+        return sorted(found)
+
+    def client_for(self, origin: str) -> redis.Redis:
+        """The raw Redis client serving `origin` (tests and tools only: bypasses all checks)."""
+        return self._router.for_keys(OriginKeys(origin))

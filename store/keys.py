@@ -1,0 +1,79 @@
+"""Redis key names of the checkpoint store, one hash tag per origin host.
+
+Every key of one origin carries the hash tag ``{origin}``, so in a Redis Cluster all of an
+origin's keys share one slot and every Function call stays on one node:
+
+    tcpcp:{origin}:meta    hash   epoch (fencing token), owner (holder that may write)
+    tcpcp:{origin}:lease   string holder id, with the lease TTL
+    tcpcp:{origin}:rec     hash   connection name -> signed record bytes
+    tcpcp:{origin}:ver     hash   connection name -> record version
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from store.errors import StoreConfigError
+
+PREFIX = "tcpcp"
+META_PATTERN = PREFIX + ":{*}:meta"
+_FORBIDDEN = set("{}*?[]\\")
+
+
+def check_name(kind: str, name: str, max_bytes: int = 255) -> str:
+    """Return `name` if it can be an origin/holder/connection name, else raise StoreConfigError."""
+    if not isinstance(name, str):
+        raise StoreConfigError(f"{kind} name must be a string, got {type(name).__name__}")
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if not 0 < size <= max_bytes:
+        raise StoreConfigError(f"{kind} name must be 1..{max_bytes} bytes, got {size}: {name!r}")
+    bad = sorted({c for c in name if c in _FORBIDDEN or not c.isprintable() or c.isspace()})
+    if bad:
+        raise StoreConfigError(
+            f"{kind} name must be printable without spaces or any of {{}}*?[]\\, "
+            f"got {name!r} containing {''.join(bad)!r}"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class OriginKeys:
+    """The key names of one origin host."""
+
+    origin: str
+
+    def __post_init__(self) -> None:
+        check_name("origin", self.origin)
+
+    @property
+    def tag(self) -> str:
+        return f"{PREFIX}:{{{self.origin}}}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.tag}:meta"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def records(self) -> str:
+        return f"{self.tag}:rec"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.tag}:ver"
+
+    def all(self) -> tuple[str, str, str, str]:
+        """The keys in the order the Function library expects them."""
+        return (self.meta, self.lease, self.records, self.versions)
+
+
+def origin_of_meta_key(key: str | bytes) -> str | None:
+    """The origin named by a ``tcpcp:{origin}:meta`` key, or None if the key is not one."""
+    text = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else key
+    head, tail = f"{PREFIX}:{{", "}:meta"
+    if text.startswith(head) and text.endswith(tail) and len(text) > len(head) + len(tail):
+        return text[len(head):-len(tail)]
+    return None
