@@ -1,0 +1,553 @@
+"""The network-namespace lab: peer, gateway, origin, standby and store hosts on one machine.
+
+    peer ──eth0───v-peer── gw ──br0──┬─p-origin──eth0── origin   (answers the service address)
+     10.77.1.2        10.77.1.1      ├─p-standby─eth0── standby
+     fd77:1::2        10.77.2.1      ├─p-store───eth0── store    (store2, store3 optional)
+                      fd77:2::1      ...
+
+Every host is a network namespace named `<prefix>-<host>`; two labs with different prefixes
+run side by side. Links are veth pairs at MTU 1500, dual stack. The service address
+(10.77.9.1, fd77:9::1) starts on origin and the gateway routes it there.
+
+Failures are injected outside the victim: `crash` drops all of a host's frames on the gateway's
+bridge port (both directions) and then SIGKILLs every process in the host, so the host's TCP
+stack sees no error and keeps its sockets; `partition` drops IP traffic between a host and some
+others at the same ports; `heal` undoes both. Traffic moves to another host by gateway route
+(`switch_route`, the paper's method) or by moving the address and announcing it
+(`move_address`: gratuitous ARP and unsolicited neighbour advertisement).
+
+Each lab is recorded in /run/tcpcp-lab/<prefix>.json with its owner process; a lab whose owner
+died (even by SIGKILL) is removed by the next lab that starts, and a lab's own leftovers of the
+same prefix are removed before it is built.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import structlog
+from pyroute2 import IPRoute
+
+from ops import announce, labfilter, netns
+
+log = structlog.get_logger("tcpcp.lab")
+
+REGISTRY_DIR = "/run/tcpcp-lab"
+_TC_H_CLSACT = 0xFFFFFFF1
+_INGRESS = 0xFFFFFFF2
+_EGRESS = 0xFFFFFFF3
+_AUTO_PREFIX = re.compile(r"^tcpcp-(\d+)-\d+$")
+_counter = itertools.count(1)
+
+CLIENT_V4, CLIENT_V6 = "10.77.1.", "fd77:1::"
+SERVER_V4, SERVER_V6 = "10.77.2.", "fd77:2::"
+SERVICE_V4, SERVICE_V6 = "10.77.9.1", "fd77:9::1"
+SERVER_HOSTS = {"origin": 10, "standby": 11, "store": 20, "store2": 21, "store3": 22}
+
+T = TypeVar("T")
+
+
+class LabError(RuntimeError):
+    """The lab could not be built, changed or found."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    name: str
+    netns: str
+    v4: str
+    v6: str
+    mac: str
+    gw_port: str | None  # the gateway's interface facing this host (None for gw itself)
+
+
+@dataclass(slots=True)
+class _PortRules:
+    cut: bool = False
+    drop_dst: set[str] = field(default_factory=set)  # ingress at gw: frames from the host to...
+    drop_src: set[str] = field(default_factory=set)  # egress at gw: frames to the host from...
+
+
+def _auto_prefix() -> str:
+    return f"tcpcp-{os.getpid()}-{next(_counter)}"
+
+
+class Lab:
+    """The lab as a context manager: `with Lab() as lab: ...` builds it and always removes it."""
+
+    def __init__(self, prefix: str | None = None, stores: int = 1, owned: bool = True) -> None:
+        if not 1 <= stores <= 3:
+            raise LabError(f"stores must be 1, 2 or 3, got {stores}")
+        self.prefix = prefix or _auto_prefix()
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,20}", self.prefix):
+            raise LabError(f"prefix must be 1-21 of [a-z0-9-] starting with a letter, got "
+                           f"{self.prefix!r}")
+        self.owned = owned
+        names = ["peer", "gw", "origin", "standby", "store", "store2", "store3"][: 4 + stores]
+        self.hosts: dict[str, Host] = {n: self._host(n) for n in names}
+        self.service_owner = "origin"
+        self.service_holders: set[str] = {"origin"}
+        self.service_mode = "route"
+        self._rules: dict[str, _PortRules] = {}
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+        self._built = False
+
+    # ---------------------------------------------------------------- topology
+    def _host(self, name: str) -> Host:
+        ns = f"{self.prefix}-{name}"
+        if name == "peer":
+            return Host(name, ns, CLIENT_V4 + "2", CLIENT_V6 + "2", "02:77:01:00:00:02", "v-peer")
+        if name == "gw":
+            return Host(name, ns, SERVER_V4 + "1", SERVER_V6 + "1", "02:77:02:00:00:01", None)
+        n = SERVER_HOSTS[name]
+        return Host(name, ns, SERVER_V4 + str(n), SERVER_V6 + format(n, "x"),
+                    f"02:77:02:00:00:{n:02x}", f"p-{name}")
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the lab (removing dead labs and this prefix's leftovers first)."""
+        sweep_stale()
+        remove_prefix(self.prefix)
+        self._save()
+        t0 = time.monotonic()
+        try:
+            for h in self.hosts.values():
+                netns.create(h.netns)
+                self._base_sysctls(h)
+            self._wire()
+        except BaseException:
+            self.down()
+            raise
+        self._built = True
+        log.info("lab_up", prefix=self.prefix, hosts=list(self.hosts),
+                 ms=round((time.monotonic() - t0) * 1000, 1))
+
+    def _base_sysctls(self, h: Host) -> None:
+        for key, value in (
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+            ("net.ipv6.conf.all.dad_transmits", "0"),
+            ("net.ipv6.conf.default.dad_transmits", "0"),
+        ):
+            netns.sysctl_write(h.netns, key, value)
+        if h.name == "gw":
+            for key, value in (
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv4.conf.all.arp_accept", "1"),
+                ("net.ipv4.conf.default.arp_accept", "1"),
+            ):
+                netns.sysctl_write(h.netns, key, value)
+
+    def _wire(self) -> None:
+        gw = self.hosts["gw"]
+        with IPRoute(netns=gw.netns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("add", ifname="br0", kind="bridge", br_stp_state=0, br_forward_delay=0,
+                     address=gw.mac)
+            br = ipr.link_lookup(ifname="br0")[0]
+            for h in self.hosts.values():
+                if h.gw_port is None:
+                    continue
+                ipr.link("add", ifname=h.gw_port, kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": h.netns, "address": h.mac})
+                port = ipr.link_lookup(ifname=h.gw_port)[0]
+                if h.name == "peer":
+                    ipr.addr("add", index=port, address=CLIENT_V4 + "1", prefixlen=24)
+                    ipr.addr("add", index=port, address=CLIENT_V6 + "1", prefixlen=64)
+                else:
+                    ipr.link("set", index=port, master=br)
+                ipr.link("set", index=port, state="up")
+            ipr.addr("add", index=br, address=gw.v4, prefixlen=24)
+            ipr.addr("add", index=br, address=gw.v6, prefixlen=64)
+            ipr.link("set", index=br, state="up")
+        for h in self.hosts.values():
+            if h.name == "gw":
+                continue
+            with IPRoute(netns=h.netns) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                eth = ipr.link_lookup(ifname="eth0")[0]
+                ipr.addr("add", index=eth, address=h.v4, prefixlen=24)
+                ipr.addr("add", index=eth, address=h.v6, prefixlen=64)
+                ipr.link("set", index=eth, state="up")
+                via4, via6 = ((CLIENT_V4 + "1", CLIENT_V6 + "1") if h.name == "peer"
+                              else (gw.v4, gw.v6))
+                ipr.route("add", dst="default", gateway=via4)
+                ipr.route("add", dst="default", gateway=via6, family=socket.AF_INET6)
+                if h.name == "origin":
+                    self._add_service(ipr, eth)
+        self._route_service_via("origin")
+        # accept a gratuitous ARP at once, however recently the entry was updated
+        netns.sysctl_write(gw.netns, "net.ipv4.neigh.br0.locktime", "0")
+
+    # ---------------------------------------------------------------- teardown
+    def down(self) -> None:
+        """Stop everything the lab started and remove its namespaces. Safe to call twice."""
+        for ex in self._executors.values():
+            ex.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
+        for p in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        for p in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        self._procs.clear()
+        remove_prefix(self.prefix)
+        self._built = False
+        log.info("lab_down", prefix=self.prefix)
+
+    # ---------------------------------------------------------------- queries
+    def host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            raise LabError(f"no host {name!r} in this lab; hosts are {sorted(self.hosts)}") from None
+
+    def netns(self, name: str) -> str:
+        return self.host(name).netns
+
+    def addr(self, name: str, family: int = 4) -> str:
+        h = self.host(name)
+        if name == "gw":
+            return h.v4 if family == 4 else h.v6
+        return h.v4 if family == 4 else h.v6
+
+    def addresses(self, name: str) -> list[str]:
+        """Every address of a host (the gateway's on both of its links; service if held)."""
+        h = self.host(name)
+        out = [h.v4, h.v6]
+        if name == "gw":
+            out += [CLIENT_V4 + "1", CLIENT_V6 + "1"]
+        if name in self.service_holders:
+            out += [SERVICE_V4, SERVICE_V6]
+        return out
+
+    @staticmethod
+    def service(family: int = 4) -> str:
+        return SERVICE_V4 if family == 4 else SERVICE_V6
+
+    # ---------------------------------------------------------------- processes
+    def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process inside `host`; the lab kills it on teardown (and on crash)."""
+        p = netns.popen(self.netns(host), argv, **kwargs)
+        self._procs.append(p)
+        return p
+
+    def run(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run a process inside `host` to completion (subprocess.run keyword arguments)."""
+        return netns.run(self.netns(host), argv, **kwargs)
+
+    def enter(self, host: str) -> contextlib.AbstractContextManager[None]:
+        """The current thread is inside `host` for the block: sockets made there stay there."""
+        return netns.entered(self.netns(host))
+
+    def call(self, host: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` in a thread that lives inside `host` and return its result."""
+        return self.submit(host, fn, *args, **kwargs).result()
+
+    def submit(self, host: str, fn: Callable[..., T], *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Like `call`, but returns the future (one worker thread per host)."""
+        with self._lock:
+            ex = self._executors.get(host)
+            if ex is None:
+                path = netns.path(self.netns(host))
+                ex = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix=f"lab-{host}",
+                    initializer=netns.join, initargs=(path,))
+                self._executors[host] = ex
+        return ex.submit(fn, *args, **kwargs)
+
+    def sysctl(self, host: str, key: str, value: str | int) -> None:
+        netns.sysctl_write(self.netns(host), key, str(value))
+
+    def sysctl_get(self, host: str, key: str) -> str:
+        return netns.sysctl_read(self.netns(host), key)
+
+    def pids(self, host: str) -> list[int]:
+        return netns.pids(self.netns(host))
+
+    # ---------------------------------------------------------------- failures
+    def crash(self, host: str) -> list[int]:
+        """Cut `host` off at the gateway (both directions), then SIGKILL its processes.
+
+        The host's kernel keeps its sockets and sees no error: nothing is done inside it
+        except killing processes. Returns the killed pids."""
+        h = self.host(host)
+        if h.gw_port is None:
+            raise LabError("the gateway itself cannot be crashed; crash a host behind it")
+        self._rules.setdefault(h.gw_port, _PortRules()).cut = True
+        self._apply(h.gw_port)
+        killed = netns.kill_all(h.netns)
+        for p in self._procs:
+            if p.pid in killed:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=5)
+        log.info("crashed", host=host, killed=len(killed))
+        self._save()
+        return killed
+
+    def partition(self, host: str, from_hosts: Iterable[str]) -> None:
+        """Drop IP traffic between `host` and each of `from_hosts`, at the gateway."""
+        others = [self.host(o).name for o in from_hosts]
+        self.host(host)
+        for other in others:
+            if other == host:
+                raise LabError(f"cannot partition {host} from itself")
+            a, b = (other, host) if host == "gw" else (host, other)
+            port = self.hosts[a].gw_port
+            assert port is not None
+            rules = self._rules.setdefault(port, _PortRules())
+            rules.drop_dst.update(self.addresses(b))
+            rules.drop_src.update(self.addresses(b))
+            self._apply(port)
+        log.info("partitioned", host=host, from_hosts=others)
+        self._save()
+
+    def heal(self, host: str | None = None) -> None:
+        """Remove every cut and partition (or only those on `host`'s gateway port)."""
+        ports = list(self._rules) if host is None else [self.host(host).gw_port]
+        for port in ports:
+            if port is not None and port in self._rules:
+                self._rules[port] = _PortRules()
+                self._apply(port)
+                del self._rules[port]
+        log.info("healed", host=host or "all")
+        self._save()
+
+    def _apply(self, port: str) -> None:
+        rules = self._rules.get(port, _PortRules())
+        with IPRoute(netns=self.netns("gw")) as ipr:
+            idx = ipr.link_lookup(ifname=port)[0]
+            with contextlib.suppress(Exception):
+                ipr.tc("del", "clsact", idx)
+            if not (rules.cut or rules.drop_dst or rules.drop_src):
+                return
+            ipr.tc("add", "clsact", idx)
+            for parent, prog in (
+                (_INGRESS, labfilter.drop_all() if rules.cut
+                 else labfilter.drop_addresses(sorted(rules.drop_dst), match="dst")),
+                (_EGRESS, labfilter.drop_all() if rules.cut
+                 else labfilter.drop_addresses(sorted(rules.drop_src), match="src")),
+            ):
+                fd = labfilter.load(prog, name="tcpcp_lab_drop")
+                try:
+                    ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="tcpcp_lab_drop",
+                           parent=parent, classid=1, direct_action=True)
+                finally:
+                    os.close(fd)
+
+    # ---------------------------------------------------------------- traffic switch
+    def _add_service(self, ipr: IPRoute, eth: int) -> None:
+        with contextlib.suppress(Exception):
+            ipr.addr("add", index=eth, address=SERVICE_V4, prefixlen=32)
+        with contextlib.suppress(Exception):
+            ipr.addr("add", index=eth, address=SERVICE_V6, prefixlen=128)
+
+    def _hold_service(self, host: str) -> None:
+        with IPRoute(netns=self.netns(host)) as ipr:
+            self._add_service(ipr, ipr.link_lookup(ifname="eth0")[0])
+        self.service_holders.add(host)
+
+    def _release_service(self, host: str) -> None:
+        with IPRoute(netns=self.netns(host)) as ipr:
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            for address, plen in ((SERVICE_V4, 32), (SERVICE_V6, 128)):
+                with contextlib.suppress(Exception):
+                    ipr.addr("del", index=eth, address=address, prefixlen=plen)
+        self.service_holders.discard(host)
+
+    def _route_service_via(self, host: str) -> None:
+        h = self.host(host)
+        with IPRoute(netns=self.netns("gw")) as ipr:
+            ipr.route("replace", dst=SERVICE_V4 + "/32", gateway=h.v4)
+            ipr.route("replace", dst=SERVICE_V6 + "/128", gateway=h.v6, family=socket.AF_INET6)
+
+    def switch_route(self, host: str) -> None:
+        """The gateway routes the service address to `host` (which gets the address too)."""
+        if host not in SERVER_HOSTS or host not in self.hosts:
+            raise LabError(f"the service can only move to a server host, not {host!r}")
+        self._hold_service(host)
+        self._route_service_via(host)
+        self.service_owner, self.service_mode = host, "route"
+        log.info("service_switched", to=host, method="route")
+        self._save()
+
+    def move_address(self, host: str, release: bool = True) -> None:
+        """Move the service address to `host` and announce it (gratuitous ARP, unsolicited NA).
+
+        The gateway then reaches the address on-link through its bridge. With `release` the
+        address is first removed from the other hosts (a crashed host is cut off anyway)."""
+        if host not in SERVER_HOSTS or host not in self.hosts:
+            raise LabError(f"the service can only move to a server host, not {host!r}")
+        if release:
+            for other in sorted(self.service_holders - {host}):
+                self._release_service(other)
+        self._hold_service(host)
+        with IPRoute(netns=self.netns("gw")) as ipr:
+            br = ipr.link_lookup(ifname="br0")[0]
+            ipr.route("replace", dst=SERVICE_V4 + "/32", oif=br, scope=253)
+            ipr.route("replace", dst=SERVICE_V6 + "/128", oif=br, family=socket.AF_INET6)
+        mac = self.host(host).mac
+        self.call(host, announce.send_garp, "eth0", mac, SERVICE_V4)
+        self.call(host, announce.send_na, "eth0", mac, SERVICE_V6)
+        self.service_owner, self.service_mode = host, "address"
+        log.info("service_switched", to=host, method="address")
+        self._save()
+
+    # ---------------------------------------------------------------- registry
+    def _save(self) -> None:
+        os.makedirs(REGISTRY_DIR, exist_ok=True)
+        state = {
+            "prefix": self.prefix,
+            "hosts": list(self.hosts),
+            "owner_pid": os.getpid() if self.owned else None,
+            "owner_start": netns.process_start_time(os.getpid()) if self.owned else None,
+            "service_owner": self.service_owner,
+            "service_mode": self.service_mode,
+            "service_holders": sorted(self.service_holders),
+            "rules": {p: {"cut": r.cut, "drop_dst": sorted(r.drop_dst),
+                          "drop_src": sorted(r.drop_src)} for p, r in self._rules.items()},
+        }
+        tmp = _registry_path(self.prefix) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, _registry_path(self.prefix))
+
+    @classmethod
+    def attach(cls, prefix: str) -> Lab:
+        """A handle on a running lab (made by `tcpcp lab up`), read from its registry file."""
+        try:
+            with open(_registry_path(prefix)) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise LabError(f"no lab with prefix {prefix!r} is up (no {_registry_path(prefix)})") \
+                from None
+        lab = cls(prefix, stores=len(state["hosts"]) - 4, owned=state["owner_pid"] is not None)
+        lab.service_owner = state["service_owner"]
+        lab.service_mode = state["service_mode"]
+        lab.service_holders = set(state["service_holders"])
+        for port, r in state["rules"].items():
+            lab._rules[port] = _PortRules(r["cut"], set(r["drop_dst"]), set(r["drop_src"]))
+        lab._built = True
+        return lab
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "hosts": {n: {"netns": h.netns, "v4": h.v4, "v6": h.v6, "mac": h.mac,
+                          "up": netns.exists(h.netns), "processes": len(netns.pids(h.netns))}
+                      for n, h in self.hosts.items()},
+            "service": {"v4": SERVICE_V4, "v6": SERVICE_V6, "owner": self.service_owner,
+                        "mode": self.service_mode},
+            "cut": sorted(p for p, r in self._rules.items() if r.cut),
+            "partitions": {p: sorted(r.drop_dst) for p, r in self._rules.items() if r.drop_dst},
+        }
+
+
+def _registry_path(prefix: str) -> str:
+    return os.path.join(REGISTRY_DIR, prefix + ".json")
+
+
+def remove_prefix(prefix: str) -> list[str]:
+    """Remove every namespace named `<prefix>-*` (killing its processes) and its registry."""
+    removed = []
+    for name in netns.listing():
+        if name.startswith(prefix + "-") and "-" not in name[len(prefix) + 1:]:
+            netns.remove(name)
+            removed.append(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_registry_path(prefix))
+    if removed:
+        log.info("lab_leftovers_removed", prefix=prefix, namespaces=removed)
+    return removed
+
+
+def _owner_alive(pid: int | None, start: int | None) -> bool:
+    if pid is None:
+        return True  # made by `tcpcp lab up`: lives until `tcpcp lab down`
+    return netns.process_start_time(pid) == start
+
+
+def sweep_stale() -> list[str]:
+    """Remove labs whose owning process has died (e.g. a test run killed with SIGKILL)."""
+    swept = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.listdir(REGISTRY_DIR):
+            if not entry.endswith(".json"):
+                continue
+            prefix = entry[:-5]
+            try:
+                with open(os.path.join(REGISTRY_DIR, entry)) as f:
+                    state = json.load(f)
+                alive = _owner_alive(state.get("owner_pid"), state.get("owner_start"))
+            except (OSError, ValueError):
+                alive = False
+            if not alive:
+                remove_prefix(prefix)
+                swept.append(prefix)
+    # automatically named labs whose registry file is gone
+    for name in netns.listing():
+        m = _AUTO_PREFIX.match(name.rsplit("-", 1)[0])
+        if m and not os.path.exists(_registry_path(name.rsplit("-", 1)[0])):
+            pid = int(m.group(1))
+            if netns.process_start_time(pid) is None:
+                netns.remove(name)
+                swept.append(name)
+    return swept
+
+
+def list_labs() -> list[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(e[:-5] for e in os.listdir(REGISTRY_DIR) if e.endswith(".json"))
+    return []
+
+
+@contextlib.contextmanager
+def lab(prefix: str | None = None, stores: int = 1) -> Iterator[Lab]:
+    """`with lab() as l:` — the same as `with Lab() as l:`, also removed on SIGTERM."""
+    the_lab = Lab(prefix, stores)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        with the_lab:
+            yield the_lab
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

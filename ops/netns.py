@@ -1,0 +1,170 @@
+"""Network-namespace mechanics for the lab: enter a namespace from a thread, run processes in
+one, find and kill every process living in one, create and remove namespaces.
+
+Namespaces are the named ones under /var/run/netns (as `ip netns` makes them), created and
+removed with pyroute2. A thread enters a namespace with setns(2); sockets it creates there stay
+there. Processes are started through `nsenter --net=PATH` (util-linux), which execs the command
+in place, so the child's pid is the command's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pyroute2 import netns as _netns
+
+NETNS_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(path(name))
+
+
+def listing() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def create(name: str) -> None:
+    """Create the named namespace; an existing one of that name is an error."""
+    if exists(name):
+        raise FileExistsError(f"network namespace {name} already exists")
+    _netns.create(name)
+
+
+def remove(name: str) -> None:
+    """Kill every process in the namespace, then unmount and delete its name."""
+    if not exists(name):
+        return
+    kill_all(name)
+    with contextlib.suppress(FileNotFoundError):
+        _netns.remove(name)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """The current thread runs inside namespace `name` until the block ends."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(path(name), os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def inode(name: str) -> int:
+    return os.stat(path(name)).st_ino
+
+
+def pids(name: str) -> list[int]:
+    """Every process whose network namespace is `name` (threads of other processes excluded)."""
+    try:
+        ino = inode(name)
+    except FileNotFoundError:
+        return []
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino == ino:
+                found.append(int(entry))
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    return found
+
+
+def kill_all(name: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process in the namespace and wait until they are gone."""
+    victims = pids(name)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in victims):
+        for pid in victims:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    return victims
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def command(name: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs `argv` inside namespace `name`."""
+    return ["nsenter", f"--net={path(name)}", "--", *argv]
+
+
+def popen(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    return subprocess.Popen(command(name, argv), **kwargs)
+
+
+def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    return subprocess.run(command(name, argv), **kwargs)
+
+
+def sysctl_write(name: str, key: str, value: str) -> None:
+    """Write net.* sysctl `key` inside namespace `name` (per-thread /proc/sys view)."""
+    with entered(name), open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+        f.write(str(value))
+
+
+def sysctl_read(name: str, key: str) -> str:
+    with entered(name), open("/proc/sys/" + key.replace(".", "/")) as f:
+        return f.read().strip()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (to tell a reused pid apart), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def join(ns_path: str) -> None:
+    """Move the calling thread into the namespace at `ns_path` for good (thread initialiser)."""
+    fd = os.open(ns_path, os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
