@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The ACK gate, tc egress on the origin: a guarded flow never acknowledges more than userspace
+ * has committed.
+ *
+ * For every outgoing segment of a flow in gate_flows:
+ *   - frozen flow: drop the segment;
+ *   - ack after the committed sequence: ack := committed, window enlarged so the right edge
+ *     (ack + window << wscale) does not move back (rounded up, capped at 65535, caps counted);
+ *   - SACK and D-SACK blocks become NOPs;
+ *   - TSval never goes below one already sent for the flow (forced ACKs and the kernel's own
+ *     ACKs may leave from different CPUs);
+ *   - the TCP checksum is corrected with bpf_l4_csum_replace, which updates a full checksum and
+ *     leaves a checksum-partial one to the device.
+ * gate_states records, per flow, what a forced ACK needs: the highest sequence sent, the
+ * kernel's ack and right edge, the highest TSval and TSecr, plus counters.
+ * A SYN-ACK leaving a port in guarded_ports creates the flow's entry: committed = its ack. */
+#include <linux/pkt_cls.h>
+
+#include "tcp_parse.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct gate_config);
+} gate_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct gate_state);
+} gate_states SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct listen_value);
+} guarded_ports SEC(".maps");
+
+#define MAX_WSCALE 14
+
+/* Raise *field to v if v is after it (mod 2^32); return the value the field holds afterwards. */
+static __always_inline __u32 seq_max(__u32 *field, __u32 v)
+{
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__u32 old = *(volatile __u32 *)field;
+
+		if (!after(v, old))
+			return old;
+		if (__sync_val_compare_and_swap(field, old, v) == old)
+			return v;
+	}
+	return v;
+}
+
+static __always_inline struct gate_config *entry_from_syn_ack(struct flow_key *key,
+							      struct tcp_pkt *p,
+							      struct opt_walk *w)
+{
+	struct gate_config nc = {};
+
+	nc.committed_seq = p->ack;
+	nc.rcv_wscale = w->wscale == 0xff ? 0 : w->wscale;
+	if (nc.rcv_wscale > MAX_WSCALE)
+		nc.rcv_wscale = MAX_WSCALE;
+	nc.flags = GATE_GUARDED;
+	bpf_map_update_elem(&gate_flows, key, &nc, BPF_ANY);
+	bpf_map_delete_elem(&gate_states, key);
+	return bpf_map_lookup_elem(&gate_flows, key);
+}
+
+SEC("tc")
+int gate_egress(struct __sk_buff *skb)
+{
+	struct tcp_pkt p = {};
+	struct flow_key key = {};
+	struct opt_walk *w;
+	struct gate_config *cfg;
+	struct gate_state *st;
+
+	if (parse_tcp(skb, &p))
+		return TC_ACT_OK;
+	__builtin_memcpy(key.local_addr, p.src_addr, 16);
+	__builtin_memcpy(key.remote_addr, p.dst_addr, 16);
+	key.local_port = p.src_port;
+	key.remote_port = p.dst_port;
+	key.family = p.family;
+
+	cfg = bpf_map_lookup_elem(&gate_flows, &key);
+	if (!cfg && (p.flags & (TCPF_SYN | TCPF_ACK)) != (TCPF_SYN | TCPF_ACK))
+		return TC_ACT_OK;
+	w = walker();
+	if (!w || load_tcp_header(skb, &p, w))
+		return cfg ? TC_ACT_SHOT : TC_ACT_OK;
+	w->strip_sack = 1;
+	walk_options(w);
+	if (!cfg) {
+		if (!bpf_map_lookup_elem(&guarded_ports, &(__u32){bpf_ntohs(p.src_port)}))
+			return TC_ACT_OK;
+		cfg = entry_from_syn_ack(&key, &p, w);
+		if (!cfg)
+			return TC_ACT_SHOT; /* map full: refuse rather than run unguarded */
+	}
+
+	st = bpf_map_lookup_elem(&gate_states, &key);
+	if (cfg->flags & GATE_FROZEN) {
+		if (st)
+			__sync_fetch_and_add(&st->frozen_dropped, 1);
+		return TC_ACT_SHOT;
+	}
+	if (!(cfg->flags & GATE_GUARDED))
+		return TC_ACT_OK;
+
+	__u32 committed = *(volatile __u32 *)&cfg->committed_seq;
+	__u32 ws = cfg->rcv_wscale;
+	__u32 shift, ack_out = p.ack, win_out = p.window;
+	int clamped = 0, capped = 0, raised = 0;
+
+	if (ws > MAX_WSCALE)
+		ws = MAX_WSCALE;
+	shift = (p.flags & TCPF_SYN) ? 0 : ws; /* windows in SYN segments are never scaled */
+	if ((p.flags & TCPF_ACK) && after(p.ack, committed)) {
+		__u64 need = (__u64)(p.ack - committed) + ((__u64)p.window << shift);
+		__u64 nw = (need + (1ULL << shift) - 1) >> shift;
+
+		if (nw > 0xffff) {
+			nw = 0xffff;
+			capped = 1;
+		}
+		ack_out = committed;
+		win_out = nw;
+		clamped = 1;
+	}
+
+	__u32 has_ts = w->ts_off != 0;
+	__u32 tsval_in = has_ts ? buf_be32(w->buf, w->ts_off + 2) : 0;
+	__u32 tsecr_in = has_ts ? buf_be32(w->buf, w->ts_off + 6) : 0;
+	__u32 tsval_out = tsval_in;
+	__u32 end_seq = p.seq + p.payload_len + !!(p.flags & TCPF_SYN) + !!(p.flags & TCPF_FIN);
+	__u32 edge = p.ack + (p.window << shift);
+
+	if (!st) {
+		struct gate_state ns = {};
+
+		ns.snd_nxt = end_seq;
+		ns.kernel_ack = p.ack;
+		ns.rcv_edge = edge;
+		ns.ack_sent = ack_out;
+		ns.tsval = tsval_in;
+		ns.tsecr = tsecr_in;
+		ns.has_ts = has_ts;
+		ns.rcv_wscale = ws;
+		bpf_map_update_elem(&gate_states, &key, &ns, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&gate_states, &key);
+	}
+	if (st) {
+		seq_max(&st->snd_nxt, end_seq);
+		if (p.flags & TCPF_ACK) {
+			seq_max(&st->kernel_ack, p.ack);
+			seq_max(&st->rcv_edge, edge);
+			seq_max(&st->ack_sent, ack_out);
+		}
+		if (has_ts) {
+			if (!st->has_ts) {
+				st->tsval = tsval_in;
+				st->tsecr = tsecr_in;
+				st->has_ts = 1;
+			}
+			tsval_out = seq_max(&st->tsval, tsval_in);
+			seq_max(&st->tsecr, tsecr_in);
+			raised = tsval_out != tsval_in;
+		}
+		__sync_fetch_and_add(&st->packets, 1);
+		if (clamped)
+			__sync_fetch_and_add(&st->acks_clamped, 1);
+		if (capped)
+			__sync_fetch_and_add(&st->windows_capped, 1);
+		if (w->sack_found)
+			__sync_fetch_and_add(&st->sack_stripped, 1);
+		if (raised)
+			__sync_fetch_and_add(&st->tsvals_raised, 1);
+	}
+
+	if (!clamped && !raised && !w->sack_found)
+		return TC_ACT_OK;
+	if (clamped) {
+		buf_put_be32(w->buf, 8, ack_out);
+		w->buf[14] = win_out >> 8;
+		w->buf[15] = win_out;
+	}
+	if (raised)
+		buf_put_be32(w->buf, w->ts_off + 2, tsval_out);
+
+	__s64 diff = bpf_csum_diff((__be32 *)w->old, TCP_HDR_MAX, (__be32 *)w->buf, TCP_HDR_MAX, 0);
+	__u32 len = p.hdr_len;
+
+	if (diff < 0 || len < 20 || len > TCP_HDR_MAX)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, p.l4_off, w->buf, len, 0))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, 0))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "GPL";
