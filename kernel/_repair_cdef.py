@@ -1,0 +1,43 @@
+"""The kernel structures tcpcp's TCP_REPAIR calls exchange, declared once for cffi (ABI mode).
+
+Layouts from include/uapi/linux/tcp.h. tcp_info is declared only as far as tcpcp reads it;
+its wscale byte holds two 4-bit fields (snd in the low nibble on little-endian builds), kept as
+a plain byte here and split in kernel.repair.
+"""
+
+from __future__ import annotations
+
+import cffi
+
+ffi = cffi.FFI()
+ffi.cdef(
+    """
+    struct tcp_repair_opt {
+        uint32_t opt_code;
+        uint32_t opt_val;
+    };
+
+    struct tcp_repair_window {
+        uint32_t snd_wl1;
+        uint32_t snd_wnd;
+        uint32_t max_window;
+        uint32_t rcv_wnd;
+        uint32_t rcv_wup;
+    };
+
+    struct tcp_info_prefix {
+        uint8_t  tcpi_state;
+        uint8_t  tcpi_ca_state;
+        uint8_t  tcpi_retransmits;
+        uint8_t  tcpi_probes;
+        uint8_t  tcpi_backoff;
+        uint8_t  tcpi_options;
+        uint8_t  tcpi_wscales;
+        uint8_t  tcpi_flags;
+        uint32_t tcpi_rto;
+        uint32_t tcpi_ato;
+        uint32_t tcpi_snd_mss;
+        uint32_t tcpi_rcv_mss;
+    };
+    """
+)

@@ -1,0 +1,211 @@
+"""Dump and restore on the real kernel, in the lab: an endpoint dumped on origin lives on in
+standby's namespace, every byte arriving exactly once; refused ICIs leave nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kernel import repair
+from kernel.ici import Ici
+from kernel.passing import Isolation, flow_of
+from kernel.sanity import IciRejected, RestorePolicy
+from ops.lab import Lab
+
+pytestmark = pytest.mark.lab
+PORT = 8400
+
+
+def counting(offset: int, n: int) -> bytes:
+    """The counting stream: byte i of the stream is i mod 251."""
+    start = offset % 251
+    reps = (start + n) // 251 + 1
+    return (bytes(range(251)) * reps)[start : start + n]
+
+
+def recv_exactly(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture()
+def on_origin(lab: Lab) -> Iterator[Lab]:
+    """Each test starts with the service on origin."""
+    lab.switch_route("origin")
+    yield lab
+    lab.switch_route("origin")
+
+
+def connect(lab: Lab, family: int, port: int) -> tuple[socket.socket, socket.socket]:
+    """A connection peer -> service (answered by origin): (peer socket, origin socket)."""
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    with lab.enter("origin"):
+        ls = socket.socket(af, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((lab.service(family), port))
+        ls.listen()
+    with lab.enter("peer"):
+        peer = socket.create_connection((lab.service(family), port), timeout=5)
+    origin, _ = ls.accept()
+    ls.close()
+    return peer, origin
+
+
+def ss_lines(lab: Lab, host: str, port: int) -> list[str]:
+    out = lab.run(host, ["ss", "-Htan", f"sport = :{port} or dport = :{port}"],
+                  capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
+    on_origin: Lab, family: int
+) -> None:
+    lab = on_origin
+    port = PORT + family
+    peer, origin = connect(lab, family, port)
+    up, down = 0, 0  # bytes peer->server and server->peer so far
+    peer.sendall(counting(up, 30_000))  # stays unread in origin's receive queue
+    up += 30_000
+    origin.sendall(counting(down, 20_000))
+    assert recv_exactly(peer, 20_000) == counting(0, 20_000)
+    down += 20_000
+    time.sleep(0.05)
+    flow = flow_of(origin)
+    with lab.enter("origin"):
+        isolation = Isolation(table=f"iso{family}")
+        isolation.add([flow])
+    try:
+        origin.sendall(counting(down, 5_000))  # cannot leave: never sent, or sent and lost
+        down += 5_000
+        ici = repair.dump(origin, stay_in_repair=True)
+        repair.discard(origin)
+        assert ici.received == counting(0, 30_000)
+        assert ici.sent + ici.unsent == counting(20_000, 5_000)
+        policy = RestorePolicy.serving(lab.service(family))
+        with lab.enter("standby"):
+            restored = repair.restore(ici, policy)
+        lab.switch_route("standby")
+        sock = repair.activate(restored)
+        assert recv_exactly(peer, 5_000) == counting(20_000, 5_000)
+        assert recv_exactly(sock, 30_000) == counting(0, 30_000)
+        peer.sendall(counting(up, 100_000))
+        sock.sendall(counting(down, 100_000))
+        assert recv_exactly(sock, 100_000) == counting(up, 100_000)
+        assert recv_exactly(peer, 100_000) == counting(down, 100_000)
+        peer.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            peer.recv(1)  # nothing more: no byte twice
+        assert sock.getsockname()[1] == port
+        sock.close()
+        peer.close()
+    finally:
+        with lab.enter("origin"):
+            isolation.close()
+
+
+def test_restored_timestamp_clock_continues_from_the_checkpoint(on_origin: Lab) -> None:
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 10)
+    ici = repair.dump(origin, stay_in_repair=True)
+    repair.discard(origin)
+    time.sleep(0.2)
+    with lab.enter("standby"):
+        restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)), ts_margin_ms=50)
+    now = restored.sock.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP) & 0xFFFFFFFF
+    elapsed = (now - ici.timestamp.tsval) % 2**32
+    assert 250 <= elapsed < 5_000, f"clock moved {elapsed} ms over a 200 ms pause + 50 ms margin"
+    repair.discard_restored(restored)
+    peer.close()
+
+
+@pytest.mark.parametrize("mode", [repair.PortMode.ANY, repair.PortMode.PREBOUND])
+def test_restore_takes_its_local_port_from_the_chosen_mode(on_origin: Lab,
+                                                           mode: repair.PortMode) -> None:
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 20 + (mode is repair.PortMode.PREBOUND))
+    ici = repair.dump(origin)
+    with lab.enter("standby"):
+        pre = None
+        if mode is repair.PortMode.PREBOUND:
+            pre = socket.socket()
+            pre.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            pre.setsockopt(socket.IPPROTO_IP, repair.IP_FREEBIND, 1)
+            pre.bind((lab.service(4), 40123))
+        restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)), port_mode=mode,
+                                  sock=pre)
+    port = restored.sock.getsockname()[1]
+    assert port != ici.identity.local_port
+    if mode is repair.PortMode.PREBOUND:
+        assert port == 40123
+    assert restored.sock.getpeername() == peer.getsockname()
+    repair.discard_restored(restored)
+    origin.close()
+    peer.close()
+
+
+def _forgeries(ici: Ici) -> dict[str, Ici]:
+    """Broken ICIs keyed by the reason the refusal must give."""
+    p, w, i = ici.params, ici.window, ici.identity
+    return {
+        "snd_wscale must be <= 14, got 15": dataclasses.replace(
+            ici, params=dataclasses.replace(p, snd_wscale=15)),
+        "max_window": dataclasses.replace(
+            ici, window=dataclasses.replace(w, max_window=w.snd_wnd - 1)),
+        "rcv_wup": dataclasses.replace(
+            ici, window=dataclasses.replace(w, rcv_wup=(ici.rcv_nxt + 10) % 2**32)),
+        "10.77.2.11 is not an address this host serves": dataclasses.replace(
+            ici, identity=dataclasses.replace(i, local_addr=bytes([10, 77, 2, 11]))),
+    }
+
+
+def test_forged_icis_are_refused_and_leave_no_socket_or_packet(on_origin: Lab) -> None:
+    lab = on_origin
+    port = PORT + 30
+    peer, origin = connect(lab, 4, port)
+    ici = repair.dump(origin)
+    policy = RestorePolicy.serving(lab.service(4))
+    cap = lab.popen("standby", ["tcpdump", "-i", "eth0", "-n", "-U", "-w", "-",
+                                f"tcp port {port}"], stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    try:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        with lab.enter("standby"):
+            for reason, forged in _forgeries(ici).items():
+                with pytest.raises(IciRejected, match=reason):
+                    repair.restore(forged, policy)
+            listening = socket.socket()  # kernel-refused: repair mode on a listening socket
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind(("0.0.0.0", 0))
+            listening.listen()
+            with pytest.raises(repair.RepairError, match=r"TCP_REPAIR=1 on .*EPERM"):
+                repair.restore(ici, policy, port_mode=repair.PortMode.PREBOUND, sock=listening)
+            assert listening.fileno() == -1, "the refused socket was left open"
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+        assert ss_lines(lab, "standby", port) == []
+    finally:
+        time.sleep(0.3)
+        cap.terminate()
+        pcap = cap.communicate(timeout=5)[0]
+    packets = max(0, (len(pcap) - 24))  # pcap global header is 24 bytes
+    assert packets == 0, f"standby put {packets} bytes of packets on the wire"
+    origin.close()
+    peer.close()
