@@ -141,7 +141,7 @@ def _translate(exc: Exception, what: str) -> StoreError:
         return exc
     if isinstance(exc, rx.AuthenticationError | rx.AuthenticationWrongNumberOfArgsError):
         return StoreConfigError(f"{what}: Redis refused the credentials: {exc}")
-    if isinstance(exc, rx.NoPermissionError):
+    if isinstance(exc, rx.NoPermissionError) or "can't run this command" in str(exc):
         return StoreConfigError(f"{what}: the Redis ACL user lacks a permission: {exc}")
     if isinstance(exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError
                   | rx.ClusterDownError | MasterNotFoundError | rx.SlotNotCoveredError):
@@ -149,7 +149,7 @@ def _translate(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, rx.ResponseError) and str(exc).startswith(("READONLY", "LOADING",
                                                                   "MASTERDOWN", "TRYAGAIN")):
         return StoreUnavailable(f"{what}: Redis cannot serve writes now: {exc}")
-    return StoreError(f"{what}: unexpected Redis reply: {exc!r}")
+    return StoreError(f"{what}: unexpected Redis reply: {type(exc).__name__}: {exc}")
 
 
 def _scan_meta_keys(client: redis.Redis) -> list[bytes]:

@@ -1,0 +1,167 @@
+"""Real redis-server / redis-sentinel processes on 127.0.0.1 for the store's integration tests.
+
+Each process gets a free port and its own temporary directory and is stopped at teardown.
+(The lab-wide fixtures in ops/redislab.py run Redis inside the lab's namespaces; these are
+the plain local ones.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from store.signing import KeyRing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalRedis:
+    """One redis-server (or redis-sentinel) process with its own dir and port."""
+
+    def __init__(self, conf: dict[str, str] | None = None, *, sentinel_conf: str | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tcpcp-redis-"))
+        self.conf = {"bind": "127.0.0.1", "port": str(self.port), "dir": str(self.dir),
+                     "save": '""', "appendonly": "no", "protected-mode": "no",
+                     "logfile": str(self.dir / "redis.log"), "repl-diskless-sync-delay": "0"}
+        self.conf.update(conf or {})
+        self.sentinel_conf = sentinel_conf
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalRedis:
+        lines = [f"{k} {v}" for k, v in self.conf.items()]
+        if self.sentinel_conf is not None:
+            lines.append(self.sentinel_conf)
+        conf_file = self.dir / "redis.conf"
+        conf_file.write_text("\n".join(lines) + "\n")
+        argv = ["redis-server", str(conf_file)]
+        if self.sentinel_conf is not None:
+            argv.append("--sentinel")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis exited with {self.proc.returncode}: "
+                                   f"{self.proc.stderr.read() if self.proc.stderr else b''!r} "
+                                   f"{self.log()}")
+            with contextlib.suppress(redis.RedisError), self.admin() as c:
+                c.ping()
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"redis on port {self.port} did not answer within 10 s: {self.log()}")
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "redis.log").read_text()[-2000:]
+        return ""
+
+    def kill(self) -> None:
+        """SIGKILL: the crash of the host."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(*servers: LocalRedis) -> Iterator[tuple[LocalRedis, ...]]:
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:
+        for s in servers:
+            s.close()
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def replicas_acknowledging(primary: LocalRedis, count: int, timeout: float = 15) -> None:
+    """Wait until `count` replicas acknowledge a write with WAIT (they do not for a while
+    after a full sync, even when INFO already calls them online)."""
+    admin = primary.admin()
+
+    def acked() -> bool:
+        admin.set("replication-probe", time.monotonic_ns())
+        return int(admin.wait(count, 100)) >= count
+    wait_for(acked, timeout, f"{count} replica(s) acknowledging at port {primary.port}")
+
+
+def start_cluster(primaries: int = 3) -> list[LocalRedis]:
+    """A Redis Cluster of `primaries` primaries and no replicas; caller closes every node."""
+    nodes = [LocalRedis({"cluster-enabled": "yes", "cluster-node-timeout": "2000",
+                         "cluster-config-file": "nodes.conf"}) for _ in range(primaries)]
+    try:
+        for n in nodes:
+            n.start()
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for n in nodes:
+            wait_for(lambda n=n: n.admin().execute_command("CLUSTER", "INFO")
+                     .decode().find("cluster_state:ok") >= 0, 20, "cluster state ok")
+    except BaseException:
+        for n in nodes:
+            n.close()
+        raise
+    return nodes
+
+
+def new_keyring() -> KeyRing:
+    return KeyRing(sign_with="k1", keys={"k1": os.urandom(32)})
+
+
+@pytest.fixture
+def keyring() -> KeyRing:
+    return new_keyring()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[LocalRedis]:
+    server = LocalRedis()
+    with running(server):
+        yield server
