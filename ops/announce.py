@@ -20,7 +20,10 @@ _OPT_TARGET_LLADDR = 2
 
 
 def mac_bytes(mac: str) -> bytes:
-    raw = bytes.fromhex(mac.replace(":", ""))
+    try:
+        raw = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        raw = b""
     if len(raw) != 6:
         raise ValueError(f"expected a 6-byte MAC address like 02:00:00:00:00:01, got {mac!r}")
     return raw

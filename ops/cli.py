@@ -26,14 +26,19 @@ SUBCOMMANDS = (
 def _bench_names() -> list[str]:
     import ops.bench
 
-    return sorted(m.name for m in pkgutil.iter_modules(ops.bench.__path__) if not m.name.startswith("_"))
+    modules = pkgutil.iter_modules(ops.bench.__path__)
+    return sorted(m.name for m in modules if not m.name.startswith("_"))
 
 
 def _register_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench",
         help="run a benchmark (figures printed and saved under bench/)",
-        description="Benchmarks print their figures and write them to bench/<name>.json.",
+        description=(
+            "Benchmarks measure tcpcp on this machine, in the lab: each prints its figures and "
+            "writes them to bench/<name>.json, as ratios against a baseline measured in the same "
+            "run where a ratio makes sense. Speed is measured here, never asserted in tests. "
+            "`tcpcp bench NAME --help` describes one."),
     )
     names = bench.add_subparsers(dest="bench", metavar="NAME", required=True)
     for name in _bench_names():
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="log output: JSON lines or readable console (default: console on a terminal, "
         "else JSON; env TCPCP_LOG_FORMAT)",
     )
-    parser.add_argument("--log-level", default=None, help="log level (default info; env TCPCP_LOG_LEVEL)")
+    parser.add_argument("--log-level", default=None,
+                        help="log level (default info; env TCPCP_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         try:

@@ -224,7 +224,8 @@ class Lab:
         try:
             return self.hosts[name]
         except KeyError:
-            raise LabError(f"no host {name!r} in this lab; hosts are {sorted(self.hosts)}") from None
+            raise LabError(f"no host {name!r} in this lab; hosts are {sorted(self.hosts)}") \
+                from None
 
     def netns(self, name: str) -> str:
         return self.host(name).netns
@@ -256,7 +257,8 @@ class Lab:
         self._procs.append(p)
         return p
 
-    def run(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    def run(self, host: str, argv: Sequence[str],
+            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
         """Run a process inside `host` to completion (subprocess.run keyword arguments)."""
         return netns.run(self.netns(host), argv, **kwargs)
 
@@ -532,7 +534,13 @@ def lab(prefix: str | None = None, stores: int = 1) -> Iterator[Lab]:
     the_lab = Lab(prefix, stores)
     previous = signal.getsignal(signal.SIGTERM)
 
+    owner = os.getpid()
+
     def on_term(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked helper (pyroute2 forks): die as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise KeyboardInterrupt("SIGTERM")
 
     if threading.current_thread() is threading.main_thread():

@@ -108,7 +108,7 @@ def _section(packed_addresses: Sequence[bytes], offset: int) -> list[Insn]:
     for i, packed in enumerate(packed_addresses):
         later = sum(lengths[i + 1 :])
         out += _address_block(offset, packed, later + 2)
-    return out + [_mov_imm(0, TC_ACT_OK), _exit(), _mov_imm(0, TC_ACT_SHOT), _exit()]
+    return [*out, _mov_imm(0, TC_ACT_OK), _exit(), _mov_imm(0, TC_ACT_SHOT), _exit()]
 
 
 def drop_addresses(addresses: Iterable[str], *, match: str) -> list[Insn]:

@@ -168,3 +168,21 @@ def join(ns_path: str) -> None:
         _setns(fd)
     finally:
         os.close(fd)
+
+
+class OutsideLabError(RuntimeError):
+    """Lab traffic was about to leave from the machine's own namespace."""
+
+
+def assert_inside_lab() -> None:
+    """Refuse to go on in the machine's root namespace: lab addresses must never be sent to
+    from there (they would leave the machine). Call before connecting to a lab address."""
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    named = set()
+    for name in listing():
+        with contextlib.suppress(OSError):
+            named.add(os.stat(path(name)).st_ino)
+    if here not in named:
+        raise OutsideLabError(
+            "expected to run inside a lab host (use lab.call/lab.enter), but this thread is in "
+            "no named network namespace (the machine's own, probably)")

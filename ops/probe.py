@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ops import netns
 from ops.lab import Lab
 
 
@@ -43,9 +44,8 @@ class NameServer:
                 conn, _ = s.accept()
             except (TimeoutError, OSError):
                 continue
-            with conn:
-                with contextlib.suppress(OSError):
-                    conn.sendall(self.host.encode())
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(self.host.encode())
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -65,6 +65,7 @@ def _listener(family: int, address: str, port: int) -> socket.socket:
 
 def ask_name(address: str, port: int, timeout: float = 2.0) -> str | None:
     """Connect from the calling thread's namespace; the answering host's name, or None."""
+    netns.assert_inside_lab()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 import structlog
 
+from ops import netns
 from ops.lab import Lab
 
 log = structlog.get_logger("tcpcp.redislab")
@@ -93,6 +94,7 @@ class _Process:
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A client for this server; use it inside `lab.enter(host)` or `lab.call`."""
+        netns.assert_inside_lab()
         return redis.Redis(host=self.addr, port=self.port, socket_timeout=2, **kwargs)
 
     def _ping(self) -> bool:
@@ -119,8 +121,8 @@ class _Process:
         return True
 
     def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            with open(os.path.join(self.dir, f"{self.kind}.log")) as f:
+        with contextlib.suppress(FileNotFoundError), \
+                open(os.path.join(self.dir, f"{self.kind}.log")) as f:
                 return "".join(f.readlines()[-lines:])
         return "(no log)"
 

@@ -164,7 +164,11 @@ def test_partition_drops_only_between_the_named_hosts_and_heal_restores(fresh_la
 
 
 def test_per_host_sysctls_change_only_that_host(lab: Lab) -> None:
-    root_value = open("/proc/sys/net/ipv4/tcp_timestamps").read().strip()
+    def root_value() -> str:
+        with open("/proc/sys/net/ipv4/tcp_timestamps") as f:
+            return f.read().strip()
+
+    before = root_value()
     for key in ("net.ipv4.tcp_timestamps", "net.ipv4.tcp_sack", "net.ipv4.tcp_window_scaling",
                 "net.ipv4.tcp_ecn"):
         original = lab.sysctl_get("peer", key)
@@ -174,7 +178,7 @@ def test_per_host_sysctls_change_only_that_host(lab: Lab) -> None:
             assert lab.sysctl_get("origin", key) == original or key == "net.ipv4.tcp_ecn"
         finally:
             lab.sysctl("peer", key, original)
-    assert open("/proc/sys/net/ipv4/tcp_timestamps").read().strip() == root_value
+    assert root_value() == before
 
 
 def test_labs_with_different_prefixes_coexist_and_are_isolated(lab: Lab) -> None:

@@ -63,7 +63,7 @@ def test_replica_follows_its_primary(lab: Lab, redis_factory: Callable[..., Redi
             for _ in range(200):
                 v = c.get("replicated")
                 if v is not None:
-                    return v  # type: ignore[no-any-return]
+                    return v  # type: ignore[no-any-return,return-value]
                 time.sleep(0.01)
             return None
         finally:

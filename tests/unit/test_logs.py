@@ -1,0 +1,45 @@
+"""Log configuration: JSON lines for machines, console for people, levels filter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import structlog
+
+from ops import logs
+
+
+def test_json_lines_carry_bound_context(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("json", "info")
+    log = structlog.get_logger().bind(conn="10.0.0.2:5123>10.9.9.1:80", epoch=7)
+    log.info("restored", ms=3.1)
+    log.debug("hidden")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "restored" and record["epoch"] == 7 and record["ms"] == 3.1
+    assert record["conn"] == "10.0.0.2:5123>10.9.9.1:80" and record["level"] == "info"
+
+
+def test_console_format_is_not_json(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("console", "debug")
+    structlog.get_logger().debug("probe", peer="x")
+    err = capsys.readouterr().err
+    assert "probe" in err and "peer" in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err)
+
+
+def test_environment_selects_format_and_bad_values_are_refused(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TCPCP_LOG_FORMAT", "json")
+    monkeypatch.setenv("TCPCP_LOG_LEVEL", "warning")
+    logs.configure()
+    structlog.get_logger().info("dropped")
+    structlog.get_logger().warning("kept")
+    assert [json.loads(x)["event"] for x in capsys.readouterr().err.splitlines()] == ["kept"]
+    with pytest.raises(ValueError, match="log level must be one of"):
+        logs.configure("json", "loud")
+    with pytest.raises(ValueError, match="log format must be"):
+        logs.configure("xml", "info")
