@@ -39,8 +39,10 @@ class LocalRedis:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tcpcp-redis-"))
         self.conf = {"bind": "127.0.0.1", "port": str(self.port), "dir": str(self.dir),
-                     "save": '""', "appendonly": "no", "protected-mode": "no",
-                     "logfile": str(self.dir / "redis.log"), "repl-diskless-sync-delay": "0"}
+                     "logfile": str(self.dir / "redis.log")}
+        if sentinel_conf is None:
+            self.conf.update({"save": '""', "appendonly": "no", "protected-mode": "no",
+                              "repl-diskless-sync-delay": "0"})
         self.conf.update(conf or {})
         self.sentinel_conf = sentinel_conf
         self.proc: subprocess.Popen[bytes] | None = None
@@ -129,6 +131,35 @@ def replicas_acknowledging(primary: LocalRedis, count: int, timeout: float = 15)
         admin.set("replication-probe", time.monotonic_ns())
         return int(admin.wait(count, 100)) >= count
     wait_for(acked, timeout, f"{count} replica(s) acknowledging at port {primary.port}")
+
+
+def start_sentinels(primary: LocalRedis, service: str, count: int = 3,
+                    down_after_ms: int = 500) -> list[LocalRedis]:
+    """`count` Sentinels watching `primary` as `service` (quorum 2), once they know each other."""
+    monitor = "\n".join([
+        f"sentinel monitor {service} 127.0.0.1 {primary.port} 2",
+        f"sentinel down-after-milliseconds {service} {down_after_ms}",
+        f"sentinel failover-timeout {service} 5000",
+        f"sentinel parallel-syncs {service} 1",
+    ])
+    sentinels = [LocalRedis(sentinel_conf=monitor) for _ in range(count)]
+    try:
+        for s in sentinels:
+            s.start()
+        for s in sentinels:
+            wait_for(lambda s=s: int(s.admin().execute_command(
+                "SENTINEL", "MASTER", service)[b"num-other-sentinels"]) == count - 1,
+                30, "sentinels discovering each other")
+    except BaseException:
+        for s in sentinels:
+            s.close()
+        raise
+    return sentinels
+
+
+def sentinel_master_port(sentinel: LocalRedis, service: str) -> int:
+    _, port = sentinel.admin().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", service)
+    return int(port)
 
 
 def start_cluster(primaries: int = 3) -> list[LocalRedis]:
