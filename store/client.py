@@ -51,7 +51,7 @@ from store.errors import (
     WriteRefused,
 )
 from store.keys import META_PATTERN, OriginKeys, check_name, origin_of_meta_key
-from store.record import Checkpoint, decode, encode
+from store.record import Checkpoint, RecordHeader, decode, encode, read_header
 from store.signing import KeyRing
 
 log = structlog.get_logger()
@@ -93,6 +93,7 @@ class ReadResult:
     size: int
     checkpoint: Checkpoint | None
     error: RecordError | None
+    header: RecordHeader | None = None  # unverified, for display; None if unparseable
 
 
 # --- error translation -----------------------------------------------------------------------
@@ -542,10 +543,14 @@ class CheckpointStore:
             for raw_conn, raw in sorted(page.items()):
                 conn = raw_conn.decode("utf-8", errors="replace")
                 try:
+                    header = read_header(raw, self.limits)
+                except RecordError:
+                    header = None
+                try:
                     cp = decode(raw, self.keys, origin=origin, conn=conn, limits=self.limits)
-                    yield ReadResult(conn, len(raw), cp, None)
+                    yield ReadResult(conn, len(raw), cp, None, header)
                 except RecordError as exc:
-                    yield ReadResult(conn, len(raw), None, exc)
+                    yield ReadResult(conn, len(raw), None, exc, header)
             if cursor == 0:
                 return
 
