@@ -1,4 +1,4 @@
-"""The kernel package's exception hierarchy: every error raised by kernel/ derives from KernelError."""
+"""The kernel package's exception hierarchy: every error kernel/ raises derives from KernelError."""
 
 from __future__ import annotations
 

@@ -86,12 +86,19 @@ def test_sentinels_fail_over_when_the_primary_is_killed(fresh_lab: Lab) -> None:
         assert after == (replica.addr, replica.port)
 
         def write_via_sentinel() -> bytes | None:
-            from redis.sentinel import Sentinel
+            from redis.sentinel import MasterNotFoundError, Sentinel
 
             s = Sentinel(sentinels.addresses, socket_timeout=1)
-            master = s.master_for(sentinels.service, socket_timeout=1)
-            master.set("after-failover", b"2")
-            return master.get("before-failover")  # type: ignore[no-any-return]
+            deadline = time.monotonic() + 20
+            while True:  # sentinels agree on the new primary a moment after announcing it
+                try:
+                    master = s.master_for(sentinels.service, socket_timeout=1)
+                    master.set("after-failover", b"2")
+                    return master.get("before-failover")  # type: ignore[no-any-return]
+                except (MasterNotFoundError, redis.ConnectionError, redis.ReadOnlyError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
 
         assert lab.call("origin", write_via_sentinel) == b"1"
     finally:
