@@ -239,3 +239,29 @@ def test_leftovers_of_the_same_prefix_are_removed_before_building() -> None:
         assert not netns.exists(stale)
     finally:
         netns.remove(stale)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_lab_is_removed_when_its_process_is_interrupted(sig: signal.Signals) -> None:
+    script = textwrap.dedent("""
+        import json, time
+        from ops import logs
+        from ops.lab import lab
+        logs.configure("json", "warning")
+        with lab(stores=1) as l:
+            print(json.dumps([h.netns for h in l.hosts.values()]), flush=True)
+            time.sleep(600)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             stderr=subprocess.DEVNULL,
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert child.stdout is not None
+        names = json.loads(child.stdout.readline())
+        assert all(netns.exists(n) for n in names)
+        child.send_signal(sig)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not any(netns.exists(n) for n in names)
