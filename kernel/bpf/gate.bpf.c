@@ -4,15 +4,17 @@
  *
  * For every outgoing segment of a flow in gate_flows:
  *   - frozen flow: drop the segment;
- *   - ack after the committed sequence: ack := committed, window enlarged so the right edge
- *     (ack + window << wscale) does not move back (rounded up, capped at 65535, caps counted);
+ *   - ack after the committed sequence: ack := committed;
+ *   - window: enlarged so the right edge (ack + window << wscale) never moves back, neither
+ *     behind the kernel's edge for this segment nor behind an edge already sent (rounded up,
+ *     capped at 65535, caps counted);
  *   - SACK and D-SACK blocks become NOPs;
  *   - TSval never goes below one already sent for the flow (forced ACKs and the kernel's own
  *     ACKs may leave from different CPUs);
  *   - the TCP checksum is corrected with bpf_l4_csum_replace, which updates a full checksum and
  *     leaves a checksum-partial one to the device.
  * gate_states records, per flow, what a forced ACK needs: the highest sequence sent, the
- * kernel's ack and right edge, the highest TSval and TSecr, plus counters.
+ * kernel's ack, the farthest right edge advertised, the highest TSval and TSecr, plus counters.
  * A SYN-ACK leaving a port in guarded_ports creates the flow's entry: committed = its ack. */
 #include <linux/pkt_cls.h>
 
@@ -122,33 +124,22 @@ int gate_egress(struct __sk_buff *skb)
 	if (ws > MAX_WSCALE)
 		ws = MAX_WSCALE;
 	shift = (p.flags & TCPF_SYN) ? 0 : ws; /* windows in SYN segments are never scaled */
-	if ((p.flags & TCPF_ACK) && after(p.ack, committed)) {
-		__u64 need = (__u64)(p.ack - committed) + ((__u64)p.window << shift);
-		__u64 nw = (need + (1ULL << shift) - 1) >> shift;
-
-		if (nw > 0xffff) {
-			nw = 0xffff;
-			capped = 1;
-		}
-		ack_out = committed;
-		win_out = nw;
-		clamped = 1;
-	}
 
 	__u32 has_ts = w->ts_off != 0;
 	__u32 tsval_in = has_ts ? buf_be32(w->buf, w->ts_off + 2) : 0;
 	__u32 tsecr_in = has_ts ? buf_be32(w->buf, w->ts_off + 6) : 0;
 	__u32 tsval_out = tsval_in;
 	__u32 end_seq = p.seq + p.payload_len + !!(p.flags & TCPF_SYN) + !!(p.flags & TCPF_FIN);
-	__u32 edge = p.ack + (p.window << shift);
+	__u32 edge_in = p.ack + (p.window << shift);
+	__u32 scaled_ack = (p.flags & TCPF_ACK) && !(p.flags & TCPF_SYN);
 
 	if (!st) {
 		struct gate_state ns = {};
 
 		ns.snd_nxt = end_seq;
 		ns.kernel_ack = p.ack;
-		ns.rcv_edge = edge;
-		ns.ack_sent = ack_out;
+		ns.rcv_edge = edge_in;
+		ns.ack_sent = after(p.ack, committed) ? committed : p.ack;
 		ns.tsval = tsval_in;
 		ns.tsecr = tsecr_in;
 		ns.has_ts = has_ts;
@@ -156,11 +147,31 @@ int gate_egress(struct __sk_buff *skb)
 		bpf_map_update_elem(&gate_states, &key, &ns, BPF_NOEXIST);
 		st = bpf_map_lookup_elem(&gate_states, &key);
 	}
+
+	if (p.flags & TCPF_ACK) {
+		/* the right edge to advertise: the kernel's, or a farther one already on the wire */
+		__u32 target = (st && scaled_ack) ? seq_max(&st->rcv_edge, edge_in) : edge_in;
+		__u64 span, nw;
+
+		if (after(p.ack, committed)) {
+			ack_out = committed;
+			clamped = 1;
+		}
+		span = after(target, ack_out) ? (__u64)(target - ack_out) : 0;
+		nw = (span + (1ULL << shift) - 1) >> shift;
+		if (nw > 0xffff) {
+			nw = 0xffff;
+			capped = 1;
+		}
+		win_out = nw;
+		if (st && scaled_ack)
+			seq_max(&st->rcv_edge, ack_out + (win_out << shift));
+	}
+
 	if (st) {
 		seq_max(&st->snd_nxt, end_seq);
 		if (p.flags & TCPF_ACK) {
 			seq_max(&st->kernel_ack, p.ack);
-			seq_max(&st->rcv_edge, edge);
 			seq_max(&st->ack_sent, ack_out);
 		}
 		if (has_ts) {
@@ -184,16 +195,17 @@ int gate_egress(struct __sk_buff *skb)
 			__sync_fetch_and_add(&st->tsvals_raised, 1);
 	}
 
-	if (!clamped && !raised && !w->sack_found)
+	int moved = ack_out != p.ack || win_out != p.window;
+
+	if (!moved && !raised && !w->sack_found)
 		return TC_ACT_OK;
-	if (clamped) {
+	if (moved) {
 		buf_put_be32(w->buf, 8, ack_out);
 		w->buf[14] = win_out >> 8;
 		w->buf[15] = win_out;
 	}
 	if (raised)
 		buf_put_be32(w->buf, w->ts_off + 2, tsval_out);
-
 	__s64 diff = bpf_csum_diff((__be32 *)w->old, TCP_HDR_MAX, (__be32 *)w->buf, TCP_HDR_MAX, 0);
 	__u32 len = p.hdr_len;
 

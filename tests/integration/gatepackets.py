@@ -190,25 +190,34 @@ class GateModel:
             return TC_ACT_OK, s
         ws = min(cfg.wscale, 14)
         shift = 0 if s.flags & SYN else ws
-        ack_out, win_out, clamped, capped = s.ack, s.window, False, False
-        if s.flags & ACK and after(s.ack, cfg.committed):
-            need = ((s.ack - cfg.committed) & MASK) + (s.window << shift)
-            nw = -(-need // (1 << shift))
-            capped = nw > 0xFFFF
-            ack_out, win_out, clamped = cfg.committed, min(nw, 0xFFFF), True
         ts = next((o for o, k, n in opts if k == 8 and n == 10), None)
         tsval_in = int.from_bytes(s.options[ts + 2:ts + 6], "big") if ts is not None else 0
         tsecr_in = int.from_bytes(s.options[ts + 6:ts + 10], "big") if ts is not None else 0
         end_seq = (s.seq + len(s.payload) + bool(s.flags & SYN) + bool(s.flags & FIN)) & MASK
         edge = (s.ack + (s.window << shift)) & MASK
         if st is None:
-            st = FlowState(end_seq, s.ack, edge, ack_out, tsval_in, tsecr_in, int(ts is not None),
-                           ws)
+            st = FlowState(end_seq, s.ack, edge,
+                           cfg.committed if after(s.ack, cfg.committed) else s.ack,
+                           tsval_in, tsecr_in, int(ts is not None), ws)
             self.states[fid] = st
+        ack_out, win_out, clamped, capped = s.ack, s.window, False, False
+        scaled_ack = bool(s.flags & ACK) and not s.flags & SYN
+        if s.flags & ACK:
+            # the right edge never moves back: behind the kernel's nor behind one already sent
+            target = edge
+            if scaled_ack:
+                st.rcv_edge = target = seq_max(st.rcv_edge, edge)
+            if after(s.ack, cfg.committed):
+                ack_out, clamped = cfg.committed, True
+            span = (target - ack_out) & MASK if after(target, ack_out) else 0
+            need = -(-span // (1 << shift))
+            capped = need > 0xFFFF
+            win_out = min(need, 0xFFFF)
+            if scaled_ack:
+                st.rcv_edge = seq_max(st.rcv_edge, (ack_out + (win_out << shift)) & MASK)
         st.snd_nxt = seq_max(st.snd_nxt, end_seq)
         if s.flags & ACK:
             st.kernel_ack = seq_max(st.kernel_ack, s.ack)
-            st.rcv_edge = seq_max(st.rcv_edge, edge)
             st.ack_sent = seq_max(st.ack_sent, ack_out)
         tsval_out = tsval_in
         if ts is not None:

@@ -1,0 +1,148 @@
+"""Forced ACKs: after a commit, a pure ACK carrying the committed sequence is crafted from what the
+gate recorded for the flow (highest seq sent, right edge, highest TSval, TSecr) and sent through a
+raw socket, because the kernel has no call that emits an ACK on demand.
+
+The segment leaves through the same tc egress gate as the kernel's own segments, so the gate keeps
+ack and TSval monotonic for the flow whichever CPU sends first. `build_ack` and `ack_window` are
+pure; `RawSender` is the thin I/O shell (IPPROTO_RAW sockets: send-only, we build the IP header).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+from kernel.bpf.layout import Flow
+from kernel.errors import KernelError
+from kernel.seq import seq_diff
+
+_CLONE_NEWNET = 0x40000000
+_ACK = 0x10
+MAX_WINDOW = 0xFFFF
+
+
+class ForcedAckError(KernelError):
+    """A forced ACK could not be built or sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class AckSpec:
+    """Every field of a pure ACK for flow (host byte order)."""
+
+    flow: Flow
+    seq: int
+    ack: int
+    window: int
+    tsval: int | None = None
+    tsecr: int = 0
+
+
+def ack_window(rcv_edge: int, ack: int, wscale: int) -> int:
+    """Window field so that ack + window << wscale reaches rcv_edge (rounded up, capped)."""
+    span = max(0, seq_diff(rcv_edge, ack))
+    return min(MAX_WINDOW, -(-span >> wscale))
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return 0xFFFF - total
+
+
+def build_ack(spec: AckSpec) -> bytes:
+    """The IP packet (IPv4 or IPv6 header + TCP header, checksum filled in) for spec."""
+    f = spec.flow
+    options = b""
+    if spec.tsval is not None:
+        options = b"\x01\x01" + struct.pack("!BBII", 8, 10, spec.tsval, spec.tsecr)
+    doff = (20 + len(options)) // 4
+    if not 0 <= spec.window <= MAX_WINDOW:
+        raise ForcedAckError(f"window must be in 0..{MAX_WINDOW}, got {spec.window}")
+    tcp = struct.pack("!HHIIBBHHH", f.local_port, f.remote_port, spec.seq, spec.ack, doff << 4,
+                      _ACK, spec.window, 0, 0) + options
+    src, dst = f.local_addr.packed, f.remote_addr.packed
+    if f.local_addr.version == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    if f.local_addr.version == 4:
+        # id 0, total length and header checksum are filled in by the kernel (IP_HDRINCL)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64,
+                         socket.IPPROTO_TCP, 0, src, dst)
+    else:
+        ip = struct.pack("!IHBB16s16s", 0x60000000, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+    return ip + tcp
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise ForcedAckError(f"expected setns to succeed, got {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered_netns(name: str | None) -> Iterator[None]:
+    """The current thread is in network namespace name (/var/run/netns/name) for the block."""
+    if name is None:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+class RawSender:
+    """Send-only raw sockets (one per address family) living in a network namespace."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        with entered_netns(netns):
+            self._v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+
+    def send(self, spec: AckSpec) -> None:
+        """Put the ACK described by spec on the wire (through tc egress, hence the gate)."""
+        packet = build_ack(spec)
+        dst = spec.flow.remote_addr
+        try:
+            if isinstance(dst, ipaddress.IPv4Address):
+                self._v4.sendto(packet, (str(dst), 0))
+            else:
+                self._v6.sendto(packet, (str(dst), 0, 0, 0))
+        except OSError as exc:
+            raise ForcedAckError(f"expected to send a forced ACK for {spec.flow}, got {exc}"
+                                 ) from exc
+
+    def close(self) -> None:
+        self._v4.close()
+        self._v6.close()
+
+    def __enter__(self) -> RawSender:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,269 @@
+"""The ACK gate: inbound bytes of a guarded connection are acknowledged only once the application
+has committed them (DESIGN.md section 4).
+
+    with AckGate("eth0", netns="lab-origin") as gate:
+        gate.guard(flow, committed_seq=rcv_nxt, rcv_wscale=ws)   # or gate.guard_listen(port)
+        ...application reads and checkpoints...
+        gate.commit(flow, new_rcv_nxt)   # moves the committed sequence, forces an ACK at once
+        gate.freeze(flow) / gate.thaw(flow)   # drop / let through every egress segment
+        gate.counters(flow); gate.forget(flow)
+
+The BPF program (kernel/bpf/gate.bpf.c) does the rewriting at tc egress; this class writes its
+configuration map, reads its state map and sends the forced ACKs (kernel/forced_ack.py).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from kernel import bpfbuild
+from kernel.bpf import layout
+from kernel.bpf.layout import GATE_FROZEN, GATE_GUARDED, Flow, flow_key
+from kernel.errors import KernelError
+from kernel.forced_ack import AckSpec, RawSender, ack_window, entered_netns
+from kernel.libbpf import BpfMap, BpfObject
+from kernel.seq import after
+from kernel.tcfilter import Direction, TcHook, TcTarget
+
+log = structlog.get_logger()
+
+GATE_PRIORITY = 0xAC00
+MAX_WSCALE = 14
+_TFO_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+# TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
+_TFO_SERVER_BITS = 0x2 | 0x200 | 0x400
+
+
+class GateError(KernelError):
+    """The ACK gate was asked something that does not fit the flow's state."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateState:
+    """What the gate saw and did for one flow (sequence values in host byte order)."""
+
+    snd_nxt: int
+    kernel_ack: int
+    rcv_edge: int
+    ack_sent: int
+    tsval: int | None
+    tsecr: int
+    rcv_wscale: int
+    packets: int
+    acks_clamped: int
+    sack_stripped: int
+    windows_capped: int
+    frozen_dropped: int
+    tsvals_raised: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlowConfig:
+    """What userspace told the gate about one flow."""
+
+    committed_seq: int
+    rcv_wscale: int
+    guarded: bool
+    frozen: bool
+
+
+class AckGate:
+    """The egress gate on one interface, attached while the context is open."""
+
+    def __init__(self, ifname: str, netns: str | None = None,
+                 priority: int = GATE_PRIORITY) -> None:
+        self.ifname = ifname
+        self.netns = netns
+        self._priority = priority
+        self._lock = threading.Lock()
+        self._obj: BpfObject | None = None
+        self._hook: TcHook | None = None
+        self._sender: RawSender | None = None
+        self._tfo_saved: str | None = None
+        self.log = log.bind(ifname=ifname, netns=netns)
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> AckGate:
+        try:
+            self._obj = BpfObject(bpfbuild.object_bytes("gate"), "gate")
+            self._flows = self._obj.map("gate_flows")
+            self._states = self._obj.map("gate_states")
+            self._ports = self._obj.map("guarded_ports")
+            self._sender = RawSender(self.netns)
+            self._hook = TcHook(TcTarget(self.ifname, Direction.EGRESS, self._priority,
+                                         self.netns),
+                                self._obj.program_fd("gate_egress"), "tcpcp_gate")
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.detach()
+
+    def detach(self) -> None:
+        """Remove the program from the interface and unload it; guarded flows become ungated."""
+        if self._hook is not None:
+            self._hook.detach()
+            self._hook = None
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        if self._tfo_saved is not None:
+            try:
+                self._write_tfo(self._tfo_saved)
+            except (OSError, KernelError) as exc:  # the namespace may be gone already
+                self.log.info("tfo_restore_skipped", reason=str(exc))
+            self._tfo_saved = None
+
+    def _live(self) -> BpfObject:
+        if self._obj is None:
+            raise GateError("expected an open AckGate (use it as a context manager), "
+                            "got a closed one")
+        return self._obj
+
+    # ------------------------------------------------------------------ configuration
+    def guard(self, flow: Flow, committed_seq: int, rcv_wscale: int) -> None:
+        """Gate flow from now on: nothing after committed_seq is acknowledged.
+
+        committed_seq is the receive sequence the application has committed (normally the
+        socket's rcv_nxt when guarding starts); rcv_wscale the flow's receive window scale."""
+        if not 0 <= rcv_wscale <= MAX_WSCALE:
+            raise GateError(f"rcv_wscale must be 0..{MAX_WSCALE}, got {rcv_wscale}")
+        self._write(flow, FlowConfig(committed_seq & 0xFFFFFFFF, rcv_wscale, True, False))
+        self.log.info("flow_guarded", flow=str(flow), committed=committed_seq, wscale=rcv_wscale)
+
+    def guard_listen(self, port: int) -> None:
+        """Gate every connection accepted on local port from its SYN-ACK on.
+
+        TCP Fast Open's server side is switched off in the namespace (restored on detach), since
+        a SYN-ACK acknowledges the data of a Fast Open SYN before any commit."""
+        self._live()
+        self._ports.update(struct.pack("=I", port), struct.pack("=I", 1))
+        self._disable_tfo_server()
+        self.log.info("port_guarded", port=port)
+
+    def unguard_listen(self, port: int) -> None:
+        """New connections on port are no longer gated (existing entries stay)."""
+        self._live()
+        self._ports.delete(struct.pack("=I", port))
+
+    def config(self, flow: Flow) -> FlowConfig | None:
+        """The flow's gate configuration, or None when the flow is not in the gate."""
+        raw = self._flows_map().lookup(flow_key(flow))
+        if raw is None:
+            return None
+        c = layout.from_bytes("struct gate_config", raw)
+        return FlowConfig(c.committed_seq, c.rcv_wscale, bool(c.flags & GATE_GUARDED),
+                          bool(c.flags & GATE_FROZEN))
+
+    def commit(self, flow: Flow, seq: int) -> bool:
+        """Allow acknowledging up to seq (end of stream: FIN's seq + 1) and force an ACK.
+
+        A commit at or before the current committed sequence changes nothing and returns False;
+        otherwise the gate moves and an ACK carrying seq leaves at once."""
+        seq &= 0xFFFFFFFF
+        with self._lock:
+            cfg = self.config(flow)
+            if cfg is None or not cfg.guarded:
+                raise GateError(f"expected a guarded flow to commit {flow}, got {cfg}")
+            if not after(seq, cfg.committed_seq):
+                return False
+            self._write_locked(flow, FlowConfig(seq, cfg.rcv_wscale, True, cfg.frozen))
+        if not cfg.frozen:
+            self.force_ack(flow)
+        return True
+
+    def force_ack(self, flow: Flow) -> bool:
+        """Send a pure ACK at the committed sequence now; False when nothing was sent yet."""
+        cfg = self.config(flow)
+        st = self.state(flow)
+        if cfg is None or st is None or self._sender is None:
+            return False
+        self._sender.send(AckSpec(flow, st.snd_nxt, cfg.committed_seq,
+                                  ack_window(st.rcv_edge, cfg.committed_seq, cfg.rcv_wscale),
+                                  st.tsval, st.tsecr))
+        return True
+
+    def freeze(self, flow: Flow) -> None:
+        """Drop every egress segment of flow (planned passing, self-fencing)."""
+        self._set_frozen(flow, True)
+        self.log.info("flow_frozen", flow=str(flow))
+
+    def thaw(self, flow: Flow) -> None:
+        """Let the flow's segments out again (still gated)."""
+        self._set_frozen(flow, False)
+        self.log.info("flow_thawed", flow=str(flow))
+
+    def forget(self, flow: Flow) -> None:
+        """Remove flow from the gate (its segments pass untouched from now on)."""
+        key = flow_key(flow)
+        with self._lock:
+            self._flows_map().delete(key)
+            self._states.delete(key)
+
+    def flows(self) -> list[bytes]:
+        """Keys of every flow in the gate (raw struct flow_key bytes)."""
+        return list(self._flows_map().keys())
+
+    def state(self, flow: Flow) -> GateState | None:
+        """What BPF recorded for flow, or None before its first egress segment."""
+        self._live()
+        raw = self._states.lookup(flow_key(flow))
+        if raw is None:
+            return None
+        s = layout.from_bytes("struct gate_state", raw)
+        return GateState(s.snd_nxt, s.kernel_ack, s.rcv_edge, s.ack_sent,
+                         s.tsval if s.has_ts else None, s.tsecr, s.rcv_wscale, s.packets,
+                         s.acks_clamped, s.sack_stripped, s.windows_capped, s.frozen_dropped,
+                         s.tsvals_raised)
+
+    counters = state
+
+    # ------------------------------------------------------------------ internals
+    def _flows_map(self) -> BpfMap:
+        self._live()
+        return self._flows
+
+    def _set_frozen(self, flow: Flow, frozen: bool) -> None:
+        with self._lock:
+            cfg = self.config(flow)
+            if cfg is None:
+                raise GateError(f"expected flow {flow} in the gate to (un)freeze it, found none")
+            self._write_locked(flow, FlowConfig(cfg.committed_seq, cfg.rcv_wscale, cfg.guarded,
+                                                frozen))
+
+    def _write(self, flow: Flow, cfg: FlowConfig) -> None:
+        with self._lock:
+            self._write_locked(flow, cfg)
+
+    def _write_locked(self, flow: Flow, cfg: FlowConfig) -> None:
+        flags = (GATE_GUARDED if cfg.guarded else 0) | (GATE_FROZEN if cfg.frozen else 0)
+        value = layout.new("struct gate_config", committed_seq=cfg.committed_seq,
+                           rcv_wscale=cfg.rcv_wscale, flags=flags)
+        self._flows_map().update(flow_key(flow), layout.to_bytes(value))
+
+    def _disable_tfo_server(self) -> None:
+        if self._tfo_saved is not None:
+            return
+        with entered_netns(self.netns):
+            current = Path(_TFO_SYSCTL).read_text().strip()
+        value = int(current)
+        if value & _TFO_SERVER_BITS:
+            self._tfo_saved = current
+            self._write_tfo(str(value & ~_TFO_SERVER_BITS))
+            self.log.info("tfo_server_disabled", was=value)
+
+    def _write_tfo(self, value: str) -> None:
+        with entered_netns(self.netns):
+            Path(_TFO_SYSCTL).write_text(value)

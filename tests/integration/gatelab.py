@@ -1,0 +1,247 @@
+"""Lab helpers for the ACK-gate tests and benchmark: a gated receiver that commits by a
+CommitPolicy, an uploader run in the peer, a capture taken on the gateway (outside the origin)
+and a reader for the capture."""
+
+from __future__ import annotations
+
+import hashlib
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkpointer.commit_policy import (
+    CommitPolicy,
+    PolicyState,
+    Read,
+    Tick,
+    WouldBlock,
+    committed_seq,
+    decide,
+    next_deadline,
+)
+from kernel.bpf.layout import Flow
+from kernel.gate import AckGate
+
+UPLOADER = r"""
+import hashlib, socket, sys
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.connect((host, port))
+block = bytes(range(256)) * 256
+digest = hashlib.sha256()
+sent = 0
+i = 0
+while sent < total:
+    chunk = block[i % 251:][: min(65536 - i % 251, total - sent)]
+    s.sendall(chunk)
+    digest.update(chunk)
+    sent += len(chunk)
+    i += 1
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+print(digest.hexdigest(), flush=True)
+"""
+
+
+@dataclass
+class Received:
+    """What the gated receiver saw: bytes, digest, the commits (wall time, seq) and the flow."""
+
+    flow: Flow | None = None
+    nbytes: int = 0
+    sha256: str = ""
+    commits: list[tuple[float, int]] = field(default_factory=list)
+    commit_reasons: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def listener(family: int, port: int) -> socket.socket:
+    """A listening socket on the origin's service address (call inside the origin)."""
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    srv = socket.socket(fam, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::" if family == 6 else "0.0.0.0", port))
+    srv.listen(8)
+    return srv
+
+
+def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy,
+                  out: Received, timeout: float = 120.0) -> Received:
+    """Accept one connection and read it to the end, committing by policy (gate None: ungated).
+    Commits are recorded with the wall-clock time taken just before the gate moves."""
+    srv.settimeout(timeout)
+    conn, peer = srv.accept()
+    t0 = time.monotonic()
+    flow = Flow.of(conn.getsockname()[:2], peer[:2])
+    out.flow = flow
+    base = 0
+    if gate is not None:
+        cfg = gate.config(flow)
+        assert cfg is not None, f"guarded port did not create a gate entry for {flow}"
+        base = cfg.committed_seq
+    conn.setblocking(False)
+    digest = hashlib.sha256()
+    state = PolicyState()
+    buf = bytearray(1 << 20)
+    deadline = time.monotonic() + timeout
+
+    def commit_if(reason: object) -> None:
+        if reason is None:
+            return
+        name = getattr(reason, "value", str(reason))
+        out.commit_reasons[name] = out.commit_reasons.get(name, 0) + 1
+        if gate is not None:
+            seq = committed_seq(base, state.committed, state.eof_committed)
+            out.commits.append((time.time(), seq))
+            gate.commit(flow, seq)
+
+    while True:
+        try:
+            n = conn.recv_into(buf)
+        except BlockingIOError:
+            state, reason = decide(policy, state, WouldBlock(time.monotonic()))
+            commit_if(reason)
+            due = next_deadline(policy, state)
+            wait = 0.5 if due is None else max(0.0, due - time.monotonic())
+            select.select([conn], [], [], wait)
+            state, reason = decide(policy, state, Tick(time.monotonic()))
+            commit_if(reason)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"upload stalled at {state.consumed} bytes") from None
+            continue
+        digest.update(memoryview(buf)[:n])
+        state, reason = decide(policy, state, Read(n, time.monotonic()))
+        commit_if(reason)
+        if n == 0:
+            break
+    state, reason = decide(policy, state, WouldBlock(time.monotonic()))
+    commit_if(reason)
+    out.seconds = time.monotonic() - t0
+    out.nbytes = state.consumed
+    out.sha256 = digest.hexdigest()
+    conn.setblocking(True)
+    conn.sendall(b"k")
+    conn.close()
+    return out
+
+
+def uploader_argv(host: str, port: int, total: int) -> list[str]:
+    return [sys.executable, "-c", UPLOADER, host, str(port), str(total)]
+
+
+def expected_sha256(total: int) -> str:
+    block = bytes(range(256)) * 256
+    digest = hashlib.sha256()
+    sent = i = 0
+    while sent < total:
+        chunk = block[i % 251:][: min(65536 - i % 251, total - sent)]
+        digest.update(chunk)
+        sent += len(chunk)
+        i += 1
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- capture
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """One TCP segment from a capture (sequence fields host order, options raw)."""
+
+    time: float
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    options: bytes
+    payload_len: int
+
+
+def start_capture(netns_cmd: list[str], iface: str, path: Path, bpf_filter: str
+                  ) -> subprocess.Popen[bytes]:
+    """tcpdump (headers only) started through netns_cmd (e.g. nsenter into the gateway)."""
+    # --immediate-mode: without it packets still in the ring block are lost when tcpdump stops
+    proc = subprocess.Popen([*netns_cmd, "tcpdump", "-i", iface, "-s", "200", "-U", "-n",
+                             "--immediate-mode", "--time-stamp-precision=micro", "-w", str(path),
+                             bpf_filter], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # "listening on ..." once the capture runs
+    assert b"listening" in line, line
+    return proc
+
+
+def stop_capture(proc: subprocess.Popen[bytes]) -> None:
+    time.sleep(0.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert b" captured" in err, err
+
+
+def read_pcap(path: Path) -> Iterator[Captured]:
+    """TCP segments of an Ethernet pcap (IPv4 and IPv6 without extension headers)."""
+    data = path.read_bytes()
+    magic = struct.unpack_from("<I", data, 0)[0]
+    assert magic == 0xA1B2C3D4, f"expected a microsecond little-endian pcap, got {magic:#x}"
+    off = 24
+    while off + 16 <= len(data):
+        sec, usec, caplen, _ = struct.unpack_from("<IIII", data, off)
+        pkt = data[off + 16:off + 16 + caplen]
+        off += 16 + caplen
+        ethertype = struct.unpack_from("!H", pkt, 12)[0]
+        if ethertype == 0x0800:
+            ihl = (pkt[14] & 0xF) * 4
+            if pkt[23] != 6:
+                continue
+            total = struct.unpack_from("!H", pkt, 16)[0]
+            src = socket.inet_ntop(socket.AF_INET, pkt[26:30])
+            dst = socket.inet_ntop(socket.AF_INET, pkt[30:34])
+            l4, ip_end = 14 + ihl, 14 + total
+        elif ethertype == 0x86DD:
+            if pkt[20] != 6:
+                continue
+            plen = struct.unpack_from("!H", pkt, 18)[0]
+            src = socket.inet_ntop(socket.AF_INET6, pkt[22:38])
+            dst = socket.inet_ntop(socket.AF_INET6, pkt[38:54])
+            l4, ip_end = 54, 54 + plen
+        else:
+            continue
+        sport, dport, seq, ack, doff, flags, window = struct.unpack_from("!HHIIBBH", pkt, l4)
+        hlen = (doff >> 4) * 4
+        yield Captured(sec + usec / 1e6, src, dst, sport, dport, seq, ack, flags, window,
+                       pkt[l4 + 20:l4 + hlen], ip_end - l4 - hlen)
+
+
+def option_kinds(options: bytes) -> list[int]:
+    kinds, i = [], 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        kinds.append(kind)
+        if i + 1 >= len(options) or options[i + 1] < 2:
+            break
+        i += options[i + 1]
+    return kinds
+
+
+def nstat(lab_run: object, host: str, counter: str) -> int:
+    """Absolute value of a kernel SNMP counter in a lab host (nstat -az, no history update)."""
+    result = lab_run(host, ["nstat", "-asz", counter], capture_output=True, text=True,  # type: ignore[operator]
+                     check=True)
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] == counter:
+            return int(parts[1])
+    return 0

@@ -1,0 +1,233 @@
+"""The ACK gate in the lab (MTU 1500, real kernels in namespaces), checked by a capture taken on the
+gateway, outside the origin: uploads complete intact under every commit policy, no ACK above the
+committed sequence and no SACK block ever leaves, checksums are right, freeze silences a flow."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpointer.commit_policy import CommitPolicy
+from kernel.bpf.layout import Flow
+from kernel.gate import AckGate
+from kernel.seq import after, seq_diff
+from ops import netns
+from ops.lab import Lab
+from tests.integration import gatelab as G
+
+UPLOAD = 50_000_000
+_ports = itertools.count(5300)
+ACK, SYN, RST = 0x10, 0x02, 0x04
+
+
+@pytest.fixture
+def capture_path(tmp_path: Path) -> Path:
+    return tmp_path / "gw.pcap"
+
+
+@pytest.fixture
+def tx_checksum_in_software(lab: Lab) -> Iterator[None]:
+    """The origin computes TCP checksums in software after tc, so the peer verifies every one."""
+    lab.run("origin", ["ethtool", "-K", "eth0", "tx", "off"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        lab.run("origin", ["ethtool", "-K", "eth0", "tx", "on"], capture_output=True)
+
+
+def _upload(lab: Lab, family: int, policy: CommitPolicy, pcap: Path
+            ) -> tuple[G.Received, list[G.Captured], str]:
+    port = next(_ports)
+    cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap, f"tcp port {port}")
+    try:
+        with AckGate("eth0", netns=lab.netns("origin")) as gate:
+            gate.guard_listen(port)
+            srv = lab.call("origin", G.listener, family, port)
+            try:
+                out = G.Received()
+                fut = lab.submit("origin", G.receive_gated, srv, gate, policy, out, 120.0)
+                client = lab.run("peer", G.uploader_argv(lab.service(family), port, UPLOAD),
+                                 capture_output=True, text=True, timeout=180)
+                got = fut.result(timeout=180)
+            finally:
+                srv.close()
+    finally:
+        G.stop_capture(cap)
+    assert client.returncode == 0, client.stderr
+    return got, list(G.read_pcap(pcap)), client.stdout.strip()
+
+
+def _acks_above_commit(got: G.Received, segs: list[G.Captured]) -> list[G.Captured]:
+    """Origin->peer segments whose ack is after the latest commit made before they were seen."""
+    assert got.flow is not None
+    f = got.flow
+    syn_ack = next(s for s in segs if s.sport == f.local_port and s.flags & SYN)
+    times = [float("-inf")] + [t for t, _ in got.commits]
+    seqs = [syn_ack.ack] + [q for _, q in got.commits]
+    bad = []
+    for s in segs:
+        if s.sport != f.local_port or not s.flags & ACK:
+            continue
+        allowed = seqs[bisect.bisect_right(times, s.time) - 1]
+        if after(s.ack, allowed):
+            bad.append(s)
+    return bad
+
+
+def _right_edge_retreats(got: G.Received, segs: list[G.Captured]) -> int:
+    assert got.flow is not None
+    out = [s for s in segs if s.sport == got.flow.local_port and s.flags & ACK]
+    syn_ack = next(s for s in out if s.flags & SYN)
+    ws = next((s.options[i + 2] for s in [syn_ack] for i in range(len(s.options) - 2)
+               if s.options[i] == 3 and s.options[i + 1] == 3), 0)
+    edge, retreats = None, 0
+    for s in out:
+        if s.flags & (SYN | RST):
+            continue
+        e = (s.ack + (s.window << ws)) & 0xFFFFFFFF
+        if edge is not None and seq_diff(e, edge) < 0:
+            retreats += 1
+        edge = e if edge is None or seq_diff(e, edge) > 0 else edge
+    return retreats
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves(
+        lab: Lab, capture_path: Path, tx_checksum_in_software: None, family: int) -> None:
+    csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
+    got, segs, client_digest = _upload(lab, family, CommitPolicy(), capture_path)
+    assert (got.nbytes, got.sha256) == (UPLOAD, G.expected_sha256(UPLOAD))
+    assert client_digest == got.sha256
+    assert got.flow is not None
+    origin_out = [s for s in segs if s.sport == got.flow.local_port]
+    assert len(origin_out) > 100
+    assert _acks_above_commit(got, segs) == []
+    assert [s for s in origin_out if 5 in G.option_kinds(s.options)] == []
+    assert _right_edge_retreats(got, segs) == 0
+    assert G.nstat(lab.run, "peer", "TcpInCsumErrors") == csum_before
+    assert got.commit_reasons.get("eof") == 1
+
+
+@pytest.mark.parametrize("policy", [CommitPolicy(every_bytes=64 * 1024, interval_s=None),
+                                    CommitPolicy(interval_s=0.010)],
+                         ids=["every-64KiB", "every-10ms"])
+def test_gated_50mb_upload_completes_without_deadlock_under_other_policies(
+        lab: Lab, capture_path: Path, policy: CommitPolicy) -> None:
+    got, segs, _ = _upload(lab, 4, policy, capture_path)
+    assert (got.nbytes, got.sha256) == (UPLOAD, G.expected_sha256(UPLOAD))
+    assert _acks_above_commit(got, segs) == []
+    assert len(got.commits) > 10
+    if policy.every_bytes:
+        assert got.commit_reasons.get("bytes", 0) > 0, got.commit_reasons
+
+
+def _peer_connect(family: int, port: int, service: str) -> socket.socket:
+    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect((service, port))
+    return s
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
+        lab: Lab, capture_path: Path) -> None:
+    port = next(_ports)
+    with AckGate("eth0", netns=lab.netns("origin")) as gate:
+        gate.guard_listen(port)
+        srv = lab.call("origin", G.listener, 4, port)
+        try:
+            accept = lab.submit("origin", srv.accept)
+            peer = lab.call("peer", _peer_connect, 4, port, lab.service(4))
+            conn, addr = accept.result(timeout=10)
+            conn.settimeout(20)
+            flow = Flow.of(conn.getsockname()[:2], addr[:2])
+            cfg = gate.config(flow)
+            assert cfg is not None
+            base = cfg.committed_seq
+            peer.sendall(b"a" * 10_000)
+            assert len(_recv_exactly(conn, 10_000)) == 10_000
+            gate.commit(flow, base + 10_000)
+
+            gate.freeze(flow)
+            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                                  f"tcp port {port}")
+            try:
+                peer.sendall(b"b" * 20_000)
+                conn.sendall(b"c" * 5_000)
+                assert len(_recv_exactly(conn, 20_000)) == 20_000
+                gate.commit(flow, base + 30_000)  # no forced ACK may leave either
+                time.sleep(1.5)
+            finally:
+                G.stop_capture(cap)
+            from_origin = [s for s in G.read_pcap(capture_path) if s.sport == port]
+            peer_segments = [s for s in G.read_pcap(capture_path) if s.dport == port]
+            state = gate.state(flow)
+            assert state is not None
+            assert from_origin == []
+            assert peer_segments, "the peer sent nothing while the flow was frozen"
+            assert state.frozen_dropped > 0
+
+            gate.thaw(flow)
+            gate.force_ack(flow)
+            peer.settimeout(20)
+            assert _recv_exactly(peer, 5_000) == b"c" * 5_000
+            peer.sendall(b"d" * 1000)
+            assert _recv_exactly(conn, 1000) == b"d" * 1000
+        finally:
+            srv.close()
+
+
+def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
+        lab: Lab, capture_path: Path) -> None:
+    port = next(_ports)
+    with AckGate("eth0", netns=lab.netns("origin")) as gate:
+        gate.guard_listen(port)
+        srv = lab.call("origin", G.listener, 6, port)
+        try:
+            accept = lab.submit("origin", srv.accept)
+            peer = lab.call("peer", _peer_connect, 6, port, lab.service(6))
+            conn, addr = accept.result(timeout=10)
+            flow = Flow.of(conn.getsockname()[:2], addr[:2])
+            cfg = gate.config(flow)
+            assert cfg is not None and cfg.rcv_wscale > 0
+            peer.sendall(b"x" * 3000)
+            assert len(_recv_exactly(conn, 3000)) == 3000
+            time.sleep(0.1)  # the kernel's own ACKs have left, clamped to the handshake
+            st = gate.state(flow)
+            assert st is not None and st.acks_clamped > 0 and st.tsval is not None
+            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                                  f"tcp port {port}")
+            try:
+                t_commit = time.time()
+                assert gate.commit(flow, cfg.committed_seq + 3000)
+                time.sleep(0.3)
+            finally:
+                G.stop_capture(cap)
+            acks = [s for s in G.read_pcap(capture_path)
+                    if s.sport == port and s.ack == (cfg.committed_seq + 3000) & 0xFFFFFFFF]
+            assert acks, "no ACK carrying the committed sequence left after the commit"
+            assert acks[0].time >= t_commit
+            tsval = struct.unpack("!I", acks[0].options[acks[0].options.index(8) + 2:][:4])[0]
+            assert seq_diff(tsval, st.tsval) >= 0
+            assert not gate.commit(flow, cfg.committed_seq + 2000)  # commits never go back
+            peer.close()
+            conn.close()
+        finally:
+            srv.close()
