@@ -231,3 +231,58 @@ def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
             conn.close()
         finally:
             srv.close()
+
+
+def _tfo_connect(service: str, port: int, data: bytes) -> bytes:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.sendto(data, socket.MSG_FASTOPEN, (service, port))
+    reply = _recv_exactly(s, 2)
+    s.close()
+    return reply
+
+
+def _tfo_echo_once(srv: socket.socket, n: int) -> bytes:
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+    data = _recv_exactly(conn, n)
+    conn.sendall(b"ok")
+    conn.close()
+    return data
+
+
+def _syn_ack_acks_data(segs: list[G.Captured], port: int) -> list[bool]:
+    syns = {s.sport: s.seq for s in segs if s.dport == port and s.flags & SYN}
+    return [s.ack != (syns[s.dport] + 1) & 0xFFFFFFFF
+            for s in segs if s.sport == port and s.flags & SYN]
+
+
+def test_guarded_port_refuses_fast_open_data_in_the_syn(lab: Lab, tmp_path: Path) -> None:
+    port = next(_ports)
+    origin_tfo = lab.sysctl_get("origin", "net.ipv4.tcp_fastopen")
+    peer_tfo = lab.sysctl_get("peer", "net.ipv4.tcp_fastopen")
+    lab.sysctl("origin", "net.ipv4.tcp_fastopen", 0x203)  # server without cookie
+    lab.sysctl("peer", "net.ipv4.tcp_fastopen", 0x5)  # client without cookie
+    srv = lab.call("origin", G.listener, 4, port)
+    srv.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+    try:
+        results = []
+        for guarded in (False, True):
+            pcap = tmp_path / f"tfo-{guarded}.pcap"
+            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
+                                  f"tcp port {port}")
+            with AckGate("eth0", netns=lab.netns("origin")) as gate:
+                if guarded:
+                    gate.guard_listen(port)
+                    assert int(lab.sysctl_get("origin", "net.ipv4.tcp_fastopen")) & 0x602 == 0
+                served = lab.submit("origin", _tfo_echo_once, srv, 100)
+                assert lab.call("peer", _tfo_connect, lab.service(4), port, b"f" * 100) == b"ok"
+                assert served.result(timeout=10) == b"f" * 100
+            G.stop_capture(cap)
+            results.append(_syn_ack_acks_data(list(G.read_pcap(pcap)), port))
+        assert results == [[True], [False]]  # TFO worked unguarded, was refused when guarded
+        assert int(lab.sysctl_get("origin", "net.ipv4.tcp_fastopen")) == 0x203  # restored
+    finally:
+        srv.close()
+        lab.sysctl("origin", "net.ipv4.tcp_fastopen", origin_tfo)
+        lab.sysctl("peer", "net.ipv4.tcp_fastopen", peer_tfo)
