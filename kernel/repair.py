@@ -262,9 +262,12 @@ def discard(sock: socket.socket) -> None:
 
 
 def _repair_options(params: Params) -> bytes:
-    opts: list[tuple[int, int]] = [(TCPOPT_MSS, params.mss_clamp)]
-    if TcpOption.WSCALE in params.options:
-        opts.append((TCPOPT_WINDOW, params.snd_wscale | (params.rcv_wscale << 16)))
+    # TCPOPT_WINDOW always: connect() in repair mode leaves the locally chosen receive scale
+    # in place, so an unscaled connection must be told 0/0 or it advertises windows >> 7.
+    opts: list[tuple[int, int]] = [
+        (TCPOPT_MSS, params.mss_clamp),
+        (TCPOPT_WINDOW, params.snd_wscale | (params.rcv_wscale << 16)),
+    ]
     if TcpOption.SACK in params.options:
         opts.append((TCPOPT_SACK_PERM, 0))
     if TcpOption.TIMESTAMPS in params.options:

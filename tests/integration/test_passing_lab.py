@@ -1,0 +1,204 @@
+"""Planned passing in the lab, verified on the wire: the peer's connections (counting echo and a
+curl download) survive origin -> standby -> origin with no RST, no reconnect, no PAWS drop and
+every byte exactly once; also without timestamps, SACK or window scaling, over IPv6, and for
+1,000 connections at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernel.demo_server import EchoPeers, counting, raise_fd_limit
+from kernel.passcli import pass_connections
+from ops.lab import Lab
+
+pytestmark = pytest.mark.lab
+SERVICE_PORT, RECEIVE_PORT = 8080, 7070
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    raise_fd_limit()
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A demo server on origin and on standby; returns their control socket paths."""
+    tmp = tmp_path_factory.mktemp("demo")
+    controls, procs, logs = {}, [], []
+    for host in ("origin", "standby"):
+        controls[host] = str(tmp / f"{host}.sock")
+        log = open(tmp / f"{host}.log", "wb")  # noqa: SIM115
+        logs.append(log)
+        procs.append(lab.popen(host, [
+            sys.executable, "-m", "kernel.demo_server",
+            "--listen", lab.service(4), "--listen", lab.service(6),
+            "--port", str(SERVICE_PORT), "--receive-port", str(RECEIVE_PORT),
+            "--control", controls[host], "--serve", lab.service(4), "--serve", lab.service(6),
+        ], stdout=log, stderr=log, env={**os.environ, "TCPCP_LOG_FORMAT": "json"}))
+    deadline = time.monotonic() + 10
+    while not all(os.path.exists(c) for c in controls.values()):
+        assert time.monotonic() < deadline, "demo servers did not come up"
+        time.sleep(0.05)
+    try:
+        yield controls
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+        for f in logs:
+            f.close()
+
+
+def status(control: str) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(control)
+        s.sendall(b'{"cmd": "status"}\n')
+        return dict(json.loads(s.makefile("rb").readline()))
+
+
+def tcpcp_pass(lab: Lab, control: str, to_host: str, family: int) -> dict[str, Any]:
+    """What `tcpcp pass --lab ... --switch-to HOST` does, with the switch made by this process
+    (the lab's owner)."""
+    addr = lab.addr(to_host, family)
+    to = f"[{addr}]:{RECEIVE_PORT}" if family == 6 else f"{addr}:{RECEIVE_PORT}"
+    report = pass_connections(control, to, lambda: lab.switch_route(to_host))
+    assert report["event"] == "passed", report
+    return report
+
+
+def paws_counters(lab: Lab) -> dict[str, int]:
+    out = lab.run("peer", ["nstat", "-az", "--json"], capture_output=True, text=True,
+                  check=True, env={**os.environ, "NSTAT_HISTORY": "/dev/null"}).stdout
+    counters = json.loads(out)["kernel"]
+    return {k: int(v) for k, v in counters.items() if "PAWS" in k}
+
+
+def count_resets(pcap: bytes) -> tuple[int, int]:
+    """(TCP segments, of which RST) in an Ethernet pcap capture."""
+    pos, segments, resets = 24, 0, 0
+    while pos + 16 <= len(pcap):
+        incl = struct.unpack_from("<I", pcap, pos + 8)[0]
+        frame = pcap[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        ethertype = struct.unpack_from("!H", frame, 12)[0]
+        if ethertype == 0x0800 and frame[23] == 6:
+            tcp = 14 + (frame[14] & 0x0F) * 4
+        elif ethertype == 0x86DD and frame[20] == 6:
+            tcp = 14 + 40
+        else:
+            continue
+        segments += 1
+        resets += bool(frame[tcp + 13] & 0x04)
+    return segments, resets
+
+
+class Capture:
+    """tcpdump of the service port in the peer's namespace."""
+
+    def __init__(self, lab: Lab, path: Path) -> None:
+        self.path = path
+        self.proc = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "-s", "128",
+                                       "-w", str(path), f"tcp port {SERVICE_PORT}"],
+                              stderr=subprocess.PIPE)
+        assert self.proc.stderr is not None
+        self.proc.stderr.readline()  # "listening on eth0 ..."
+
+    def stop(self) -> tuple[int, int]:
+        time.sleep(0.2)
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        return count_resets(self.path.read_bytes())
+
+
+def open_echo(lab: Lab, family: int, n: int) -> list[socket.socket]:
+    with lab.enter("peer"):
+        return [socket.create_connection((lab.service(family), SERVICE_PORT), timeout=10)
+                for _ in range(n)]
+
+
+@pytest.mark.parametrize(("family", "sysctl_off"), [
+    (4, None), (6, None),
+    (4, "net.ipv4.tcp_timestamps"), (4, "net.ipv4.tcp_sack"), (4, "net.ipv4.tcp_window_scaling"),
+])
+def test_peer_keeps_its_connections_while_passed_origin_standby_origin(
+    lab: Lab, servers: dict[str, str], tmp_path: Path, family: int, sysctl_off: str | None,
+) -> None:
+    if sysctl_off:
+        lab.sysctl("peer", sysctl_off, "0")
+    cap = Capture(lab, tmp_path / "peer.pcap")
+    paws_before = paws_counters(lab)
+    size = 1_500_000
+    host = f"[{lab.service(6)}]" if family == 6 else lab.service(4)
+    out = tmp_path / "download"
+    try:
+        url = f"http://{host}:{SERVICE_PORT}/{size}/{size // 2}"  # paced: about 2 s
+        curl = lab.popen("peer", ["curl", "-sS", "-o", str(out), "-w", "%{num_connects}", url],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        socks = open_echo(lab, family, 3)
+        with EchoPeers(socks) as peers:
+            time.sleep(0.6)
+            there = tcpcp_pass(lab, servers["origin"], "standby", family)
+            time.sleep(0.6)
+            sent_mid = list(peers.sent)
+            back = tcpcp_pass(lab, servers["standby"], "origin", family)
+            time.sleep(0.6)
+            assert peers.finish(), f"echo incomplete: sent {peers.sent} got {peers.received}"
+        assert peers.errors == {}
+        assert all(after > mid for after, mid in zip(peers.sent, sent_mid, strict=True)), \
+            "echo traffic did not continue after passing back"
+        rc = curl.wait(timeout=60)
+        err = curl.stderr.read().decode() if curl.stderr else ""
+        connects = curl.stdout.read().decode() if curl.stdout else ""
+        assert rc == 0, f"curl failed: {err}"
+        assert connects == "1", f"curl connected {connects} times"
+        assert out.read_bytes() == counting(0, size)
+        assert there["passed"] == 4 and back["passed"] == 4, (there, back)
+        for s in socks:
+            s.close()
+    finally:
+        segments, resets = cap.stop()
+        if sysctl_off:
+            lab.sysctl("peer", sysctl_off, "1")
+    assert segments > 100
+    assert resets == 0, f"the peer saw {resets} RST segments"
+    assert paws_counters(lab) == paws_before
+    assert status(servers["origin"])["errors"] == 0
+    assert status(servers["standby"])["errors"] == 0
+
+
+def test_a_thousand_connections_are_passed_at_once_and_back(
+    lab: Lab, servers: dict[str, str], tmp_path: Path,
+) -> None:
+    cap = Capture(lab, tmp_path / "peer.pcap")
+    try:
+        socks = open_echo(lab, 4, 1000)
+        with EchoPeers(socks, chunk=200, interval_s=0.05) as peers:
+            time.sleep(0.3)
+            there = tcpcp_pass(lab, servers["origin"], "standby", 4)
+            assert status(servers["standby"])["conns"] == 1000
+            time.sleep(0.5)
+            sent_mid = list(peers.sent)
+            back = tcpcp_pass(lab, servers["standby"], "origin", 4)
+            time.sleep(0.5)
+            assert peers.finish(timeout_s=60), "not every echo came back"
+        assert peers.errors == {}
+        assert there["passed"] == 1000 and back["passed"] == 1000
+        assert sum(a > m for a, m in zip(peers.sent, sent_mid, strict=True)) == 1000
+        for s in socks:
+            s.close()
+    finally:
+        _, resets = cap.stop()
+    assert resets == 0
