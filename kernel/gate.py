@@ -179,16 +179,20 @@ class AckGate:
                 raise GateError(f"expected a guarded flow to commit {flow}, got {cfg}")
             if not after(seq, cfg.committed_seq):
                 return False
-            self._write_locked(flow, FlowConfig(seq, cfg.rcv_wscale, True, cfg.frozen))
+            cfg = FlowConfig(seq, cfg.rcv_wscale, True, cfg.frozen)
+            self._write_locked(flow, cfg)
         if not cfg.frozen:
-            self.force_ack(flow)
+            self._send_ack(flow, cfg)
         return True
 
     def force_ack(self, flow: Flow) -> bool:
         """Send a pure ACK at the committed sequence now; False when nothing was sent yet."""
         cfg = self.config(flow)
+        return cfg is not None and self._send_ack(flow, cfg)
+
+    def _send_ack(self, flow: Flow, cfg: FlowConfig) -> bool:
         st = self.state(flow)
-        if cfg is None or st is None or self._sender is None:
+        if st is None or self._sender is None:
             return False
         self._sender.send(AckSpec(flow, st.snd_nxt, cfg.committed_seq,
                                   ack_window(st.rcv_edge, cfg.committed_seq, cfg.rcv_wscale),

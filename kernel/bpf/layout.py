@@ -6,6 +6,7 @@ and `from_bytes` turn the structs of gate.h into the exact bytes the C programs 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import sys
@@ -66,8 +67,9 @@ class Flow:
         return f"{self.local_addr}:{self.local_port}>{self.remote_addr}:{self.remote_port}"
 
 
+@functools.lru_cache(maxsize=65536)
 def flow_key(flow: Flow) -> bytes:
-    """The flow's struct flow_key (addresses and ports in network byte order)."""
+    """The flow's struct flow_key (addresses and ports in network byte order); cached."""
     if flow.local_addr.version != flow.remote_addr.version:
         raise ValueError(f"expected one address family in flow {flow}, got both")
     key = new("struct flow_key", family=flow.family)

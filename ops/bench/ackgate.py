@@ -1,0 +1,244 @@
+"""ACK gate: 50 MB upload throughput gated vs ungated, and commit-to-ACK-on-the-wire latency.
+
+Runs in its own lab (MTU 1500). Throughput: the peer uploads --size bytes to the origin, whose
+receiver reads with 1 MiB buffers (timed from accept to end of stream); ungated (no gate on the
+port) and gated (guarded port, the default commit policy: idle flush + 5 ms timer, forced ACK on
+every commit) alternate --runs times in the same run; throughput_ratio = median gated / median
+ungated MB/s.
+Latency: on a guarded connection the peer sends --messages messages of 1000 bytes, 2 ms apart;
+the origin commits each as soon as it has read it. A capture on the gateway (outside the origin)
+gives the time the first segment carrying the committed ack crossed the wire; the difference to
+the instant before the commit is the commit-to-ACK latency (p50, p99 in microseconds).
+Writes bench/ackgate.json: throughput_ratio, commit_to_ack_us_p50, commit_to_ack_us_p99,
+gated_mb_s, ungated_mb_s, commits_per_upload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+from checkpointer.commit_policy import (
+    CommitPolicy,
+    PolicyState,
+    Read,
+    Tick,
+    WouldBlock,
+    committed_seq,
+    decide,
+    next_deadline,
+)
+from kernel.bpf.layout import Flow
+from kernel.gate import AckGate
+from kernel.seq import seq_diff
+from ops import netns
+from ops.lab import Lab
+
+log = structlog.get_logger()
+
+_UPLOAD = r"""
+import socket, sys
+host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port))
+block = b"u" * 65536
+sent = 0
+while sent < total:
+    sent += s.send(block[: total - sent])
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+"""
+
+_MESSAGES = r"""
+import socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(count):
+    s.sendall(b"m" * 1000)
+    time.sleep(0.002)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=50_000_000, help="upload size in bytes")
+    parser.add_argument("--runs", type=int, default=5, help="uploads per variant (median)")
+    parser.add_argument("--messages", type=int, default=1000,
+                        help="commits measured for the latency figures")
+    parser.add_argument("--output", type=Path, default=Path("bench/ackgate.json"))
+
+
+def _listener(port: int) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(4)
+    srv.settimeout(60)
+    return srv
+
+
+def _receive(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
+             ) -> tuple[int, float, int, list[tuple[float, int]]]:
+    """Read one connection to its end, committing by policy when gated.
+    Returns bytes, seconds from accept to end of stream, commits, (time, seq) log."""
+    conn, peer = srv.accept()
+    t0 = time.monotonic()
+    flow = Flow.of(conn.getsockname()[:2], peer[:2])
+    base = 0
+    if gate is not None:
+        cfg = gate.config(flow)
+        if cfg is None:
+            raise RuntimeError(f"guarded port made no gate entry for {flow}")
+        base = cfg.committed_seq
+    conn.setblocking(False)
+    buf = bytearray(1 << 20)
+    state = PolicyState()
+    commits: list[tuple[float, int]] = []
+    deadline = time.monotonic() + 120
+
+    def commit(reason: object) -> None:
+        if reason is not None and gate is not None:
+            seq = committed_seq(base, state.committed, state.eof_committed)
+            commits.append((time.time(), seq))
+            gate.commit(flow, seq)
+
+    while True:
+        try:
+            n = conn.recv_into(buf)
+        except BlockingIOError:
+            state, reason = decide(policy, state, WouldBlock(time.monotonic()))
+            commit(reason)
+            due = next_deadline(policy, state)
+            select.select([conn], [], [], 0.5 if due is None else max(0, due - time.monotonic()))
+            state, reason = decide(policy, state, Tick(time.monotonic()))
+            commit(reason)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stalled after {state.consumed} bytes") from None
+            continue
+        state, reason = decide(policy, state, Read(n, time.monotonic()))
+        commit(reason)
+        if n == 0:
+            break
+    seconds = time.monotonic() - t0
+    conn.setblocking(True)
+    conn.sendall(b"k")
+    conn.close()
+    return state.consumed, seconds, len(commits), commits
+
+
+def _upload(lab: Lab, port: int, size: int, gate: AckGate | None) -> tuple[float, int]:
+    srv = lab.call("origin", _listener, port)
+    try:
+        fut = lab.submit("origin", _receive, srv, gate, CommitPolicy())
+        lab.run("peer", [sys.executable, "-c", _UPLOAD, lab.service(4), str(port), str(size)],
+                check=True, timeout=180)
+        nbytes, seconds, commits, _ = fut.result(timeout=180)
+    finally:
+        srv.close()
+    if nbytes != size:
+        raise RuntimeError(f"expected {size} bytes uploaded, got {nbytes}")
+    return size / seconds / 1e6, commits
+
+
+def _captured_acks(pcap: Path, port: int) -> list[tuple[float, int]]:
+    """(time, ack) of every IPv4 TCP segment from port in an Ethernet pcap."""
+    data = pcap.read_bytes()
+    out, off = [], 24
+    while off + 16 <= len(data):
+        sec, usec, caplen, _ = struct.unpack_from("<IIII", data, off)
+        pkt = data[off + 16:off + 16 + caplen]
+        off += 16 + caplen
+        if pkt[12:14] != b"\x08\x00" or pkt[23] != 6:
+            continue
+        l4 = 14 + (pkt[14] & 0xF) * 4
+        sport, _, _, ack, _, flags = struct.unpack_from("!HHIIBB", pkt, l4)
+        if sport == port and flags & 0x10:
+            out.append((sec + usec / 1e6, ack))
+    return out
+
+
+def _latency(lab: Lab, gate: AckGate, port: int, messages: int) -> list[float]:
+    pcap = Path(tempfile.mkstemp(prefix="ackgate-", suffix=".pcap")[1])
+    cap = subprocess.Popen(netns.command(lab.netns("gw"), [
+        "tcpdump", "-i", "p-origin", "-s", "128", "-U", "-n", "--immediate-mode",
+        "--time-stamp-precision=micro", "-w", str(pcap), f"tcp src port {port}"]),
+        stderr=subprocess.PIPE)
+    assert cap.stderr is not None
+    cap.stderr.readline()
+    srv = lab.call("origin", _listener, port)
+    try:
+        # commit as soon as each message is read: an every-byte policy with no timer
+        fut = lab.submit("origin", _receive, srv, gate, CommitPolicy(interval_s=None,
+                                                                     every_bytes=1))
+        lab.run("peer", [sys.executable, "-c", _MESSAGES, lab.service(4), str(port),
+                         str(messages)], check=True, timeout=120)
+        _, _, _, commits = fut.result(timeout=120)
+    finally:
+        srv.close()
+        time.sleep(0.5)
+        cap.terminate()
+        cap.communicate(timeout=10)
+    acks = _captured_acks(pcap, port)
+    pcap.unlink()
+    samples, j = [], 0
+    for t, seq in commits:
+        while j < len(acks) and acks[j][0] < t:
+            j += 1
+        k = j
+        while k < len(acks) and seq_diff(acks[k][1], seq) < 0:
+            k += 1
+        if k < len(acks):
+            samples.append((acks[k][0] - t) * 1e6)
+    return samples
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def run(args: argparse.Namespace) -> int:
+    with Lab(stores=1) as lab, AckGate("eth0", netns=lab.netns("origin")) as gate:
+        gate.guard_listen(5601)
+        gate.guard_listen(5602)
+        ungated, gated, commits = [], [], []
+        for i in range(args.runs):
+            ungated.append(_upload(lab, 5600, args.size, None)[0])
+            mb_s, n = _upload(lab, 5601, args.size, gate)
+            gated.append(mb_s)
+            commits.append(n)
+            log.info("upload_pair", run=i, ungated_mb_s=round(ungated[-1]),
+                     gated_mb_s=round(mb_s), commits=n)
+        samples = _latency(lab, gate, 5602, args.messages)
+    if len(samples) < args.messages // 2:
+        print(f"only {len(samples)} of {args.messages} commits matched an ACK on the wire",
+              file=sys.stderr)
+        return 1
+    results = {
+        "throughput_ratio": round(statistics.median(gated) / statistics.median(ungated), 3),
+        "gated_mb_s": round(statistics.median(gated), 1),
+        "ungated_mb_s": round(statistics.median(ungated), 1),
+        "commits_per_upload": int(statistics.median(commits)),
+        "commit_to_ack_us_p50": round(_pct(samples, 50), 1),
+        "commit_to_ack_us_p99": round(_pct(samples, 99), 1),
+        "latency_samples": len(samples),
+        "upload_bytes": args.size,
+    }
+    for key, value in results.items():
+        print(f"{key:24} {value}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.output}")
+    return 0
