@@ -286,3 +286,59 @@ def test_guarded_port_refuses_fast_open_data_in_the_syn(lab: Lab, tmp_path: Path
         srv.close()
         lab.sysctl("origin", "net.ipv4.tcp_fastopen", origin_tfo)
         lab.sysctl("peer", "net.ipv4.tcp_fastopen", peer_tfo)
+
+
+def _peer_states(lab: Lab, port: int) -> list[str]:
+    out = lab.run("peer", ["ss", "-tanH", "dst", f"{lab.service(4)}:{port}"],
+                  capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def test_peer_fin_is_acknowledged_only_once_committed_as_end_plus_one_even_from_time_wait(
+        lab: Lab, capture_path: Path) -> None:
+    port = next(_ports)
+    csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
+    with AckGate("eth0", netns=lab.netns("origin")) as gate:
+        gate.guard_listen(port)
+        srv = lab.call("origin", G.listener, 4, port)
+        try:
+            accept = lab.submit("origin", srv.accept)
+            peer = lab.call("peer", _peer_connect, 4, port, lab.service(4))
+            conn, addr = accept.result(timeout=10)
+            conn.settimeout(10)
+            flow = Flow.of(conn.getsockname()[:2], addr[:2])
+            cfg = gate.config(flow)
+            assert cfg is not None
+            peer.sendall(b"a" * 1000)
+            assert len(_recv_exactly(conn, 1000)) == 1000
+            gate.commit(flow, cfg.committed_seq + 1000)
+            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                                  f"tcp port {port}")
+            try:
+                conn.shutdown(socket.SHUT_WR)  # origin's FIN; the peer answers with its own
+                assert peer.recv(10) == b""
+                peer.close()
+                assert conn.recv(10) == b""  # the application has read the end of stream
+                time.sleep(1.0)  # the peer retransmits its FIN; origin answers from TIME_WAIT
+                states_before = _peer_states(lab, port)
+                assert gate.commit(flow, cfg.committed_seq + 1000 + 1)  # end + 1
+                time.sleep(0.3)
+            finally:
+                G.stop_capture(cap)
+            states_after = _peer_states(lab, port)
+            st = gate.state(flow)
+        finally:
+            srv.close()
+            conn.close()
+    segs = list(G.read_pcap(capture_path))
+    fin_seq = (cfg.committed_seq + 1000) & 0xFFFFFFFF
+    peer_fins = [s for s in segs if s.dport == port and s.flags & 0x01]
+    origin_acks = [s for s in segs if s.sport == port and s.flags & ACK]
+    assert len(peer_fins) >= 2  # the FIN was retransmitted: its ACK was held
+    assert states_before == ["LAST-ACK"] and states_after == []
+    held = [s for s in origin_acks if s.ack == fin_seq]
+    released = [s for s in origin_acks if s.ack == (fin_seq + 1) & 0xFFFFFFFF]
+    assert len(held) >= 2 and released
+    assert max(s.time for s in held) < min(s.time for s in released)
+    assert st is not None and st.acks_clamped >= len(held)
+    assert G.nstat(lab.run, "peer", "TcpInCsumErrors") == csum_before
