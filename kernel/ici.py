@@ -64,8 +64,15 @@ class TcpOption(enum.IntFlag):
 
 
 def _check_uint(name: str, value: int, top: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+    if type(value) is not int or not 0 <= value <= top:
         raise IciInvalid(f"{name}: expected an integer in 0..{top}, got {value!r}")
+
+
+def _check_uints(obj: object, top: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if type(value) is not int or not 0 <= value <= top:
+            raise IciInvalid(f"{name}: expected an integer in 0..{top}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +142,7 @@ class Window:
     rcv_wup: int
 
     def __post_init__(self) -> None:
-        for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
-            _check_uint(name, getattr(self, name), U32)
+        _check_uints(self, U32, "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +178,7 @@ class SockOpts:
         for name in ("nodelay", "keepalive"):
             if not isinstance(getattr(self, name), bool):
                 raise IciInvalid(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        for name in ("keepidle", "keepintvl", "keepcnt", "sndbuf", "rcvbuf"):
-            _check_uint(name, getattr(self, name), U32)
+        _check_uints(self, U32, "keepidle", "keepintvl", "keepcnt", "sndbuf", "rcvbuf")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,12 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import ipaddress
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import structlog
 
@@ -78,8 +77,7 @@ _FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 _INT = struct.Struct("i")
 _UINT = struct.Struct("I")  # sequence numbers and clock values go in as unsigned 32-bit
 _QUEUE_FITS_DEFAULT_BUFFER = 32 << 10
-P = ParamSpec("P")
-T = TypeVar("T")
+
 
 
 class RepairError(KernelError):
@@ -106,46 +104,12 @@ class Restored:
     ici: Ici
 
 
-class _Calls:
-    """The kernel calls on one socket; an OSError becomes a RepairError naming the step."""
+# Each function below walks its steps in order, naming the current one in `step`; the one
+# except clause turns the kernel's OSError into a RepairError saying which step failed.
 
-    __slots__ = ("_name", "sock")
-
-    def __init__(self, sock: socket.socket, name: Identity | None = None) -> None:
-        self.sock = sock
-        self._name = name
-
-    def _fail(self, step: str, exc: OSError) -> RepairError:
-        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        conn = str(self._name) if self._name is not None else _conn(self.sock)
-        return RepairError(step, conn, f"{code} ({exc.strerror})")
-
-    def set(self, step: str, opt: int, value: int | bytes, level: int = SOL_TCP) -> None:
-        try:
-            self.sock.setsockopt(level, opt, value)
-        except OSError as exc:
-            raise self._fail(step, exc) from exc
-
-    def get(self, step: str, opt: int) -> int:
-        try:
-            return self.sock.getsockopt(SOL_TCP, opt)
-        except OSError as exc:
-            raise self._fail(step, exc) from exc
-
-    def get_struct(self, step: str, opt: int, ctype: str) -> Any:
-        try:
-            raw = self.sock.getsockopt(SOL_TCP, opt, ffi.sizeof(ctype))
-        except OSError as exc:
-            raise self._fail(step, exc) from exc
-        out = ffi.new(f"{ctype} *")  # owned copy: a cast of from_buffer(raw) would dangle
-        ffi.memmove(out, raw, min(len(raw), ffi.sizeof(ctype)))
-        return out
-
-    def call(self, step: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except OSError as exc:
-            raise self._fail(step, exc) from exc
+def _failure(step: str, conn: object, exc: OSError) -> RepairError:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return RepairError(step, str(conn), f"{code} ({exc.strerror})")
 
 
 def _conn(sock: socket.socket) -> str:
@@ -159,9 +123,9 @@ def _addr(a: tuple[object, ...]) -> str:
     return f"[{a[0]}]:{a[1]}" if ":" in str(a[0]) else f"{a[0]}:{a[1]}"
 
 
-def _ioctl_int(sock: socket.socket, request: int) -> int:
-    buf = bytearray(_INT.size)
-    fcntl.ioctl(sock.fileno(), request, buf)
+def _ioctl_int(fd: int, request: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, request, buf)
     return int(_INT.unpack(buf)[0])
 
 
@@ -174,23 +138,19 @@ def _peek(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _identity(sock: socket.socket) -> Identity:
-    family = Family.IPV6 if sock.family == socket.AF_INET6 else Family.IPV4
-    local, peer = sock.getsockname(), sock.getpeername()
-    return Identity(family, ipaddress.ip_address(local[0]).packed, local[1],
-                    ipaddress.ip_address(peer[0]).packed, peer[1])
+def _struct(ctype: Any, raw: bytes) -> Any:
+    """An owned copy of a kernel structure read with getsockopt."""
+    out = ffi.new(ctype)
+    ffi.memmove(out, raw, min(len(raw), ffi.sizeof(out[0])))
+    return out
 
 
-def _sockopts(sock: socket.socket, keep_buffers: bool) -> SockOpts:
-    return SockOpts(
-        nodelay=bool(sock.getsockopt(SOL_TCP, socket.TCP_NODELAY)),
-        keepalive=bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
-        keepidle=sock.getsockopt(SOL_TCP, socket.TCP_KEEPIDLE),
-        keepintvl=sock.getsockopt(SOL_TCP, socket.TCP_KEEPINTVL),
-        keepcnt=sock.getsockopt(SOL_TCP, socket.TCP_KEEPCNT),
-        sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if keep_buffers else 0,
-        rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 if keep_buffers else 0,
-    )
+_INFO_P = ffi.typeof("struct tcp_info_prefix *")
+_INFO_SIZE = ffi.sizeof("struct tcp_info_prefix")
+_WINDOW_P = ffi.typeof("struct tcp_repair_window *")
+_WINDOW_SIZE = ffi.sizeof("struct tcp_repair_window")
+_OPTS = ffi.typeof("struct tcp_repair_opt[]")
+_DEFAULT_SOCKOPTS = SockOpts()
 
 
 def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: bool = False) -> Ici:
@@ -201,37 +161,71 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
     ready for discard(). keep_buffers records SO_SNDBUF/SO_RCVBUF (set them on restore too,
     which turns autotuning off there); otherwise they are left to autotuning.
     """
-    k = _Calls(sock)
-    info = k.get_struct("TCP_INFO", socket.TCP_INFO, "struct tcp_info_prefix")
-    if info.tcpi_state != TcpState.ESTABLISHED:
-        raise RepairError("dump", _conn(sock),
-                          f"expected state ESTABLISHED, got {TcpState(info.tcpi_state).name}")
-    options = TcpOption(info.tcpi_options & 0xF)
-    wscales = int(info.tcpi_wscales)
-    identity = _identity(sock)
-    sockopts = k.call("socket options", _sockopts, sock, keep_buffers)
-    k.set("TCP_REPAIR=1", TCP_REPAIR, REPAIR_ON)
+    get, fd = sock.getsockopt, sock.fileno()
+    step = "TCP_INFO"
+    try:
+        info = _struct(_INFO_P, get(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
+        if info.tcpi_state != TcpState.ESTABLISHED:
+            raise RepairError("dump", _conn(sock), "expected state ESTABLISHED, got "
+                              f"{TcpState(info.tcpi_state).name}")
+        step = "addresses"
+        family = Family.IPV6 if sock.family == socket.AF_INET6 else Family.IPV4
+        local, peer = sock.getsockname(), sock.getpeername()
+        af = sock.family
+        identity = Identity(family, socket.inet_pton(af, local[0]), local[1],
+                            socket.inet_pton(af, peer[0]), peer[1])
+        step = "socket options"
+        keepalive = bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        d = _DEFAULT_SOCKOPTS  # keepalive timings are kept only when keepalive is on
+        sockopts = SockOpts(
+            nodelay=bool(get(SOL_TCP, socket.TCP_NODELAY)),
+            keepalive=keepalive,
+            keepidle=get(SOL_TCP, socket.TCP_KEEPIDLE) if keepalive else d.keepidle,
+            keepintvl=get(SOL_TCP, socket.TCP_KEEPINTVL) if keepalive else d.keepintvl,
+            keepcnt=get(SOL_TCP, socket.TCP_KEEPCNT) if keepalive else d.keepcnt,
+            sndbuf=get(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if keep_buffers else 0,
+            rcvbuf=get(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 if keep_buffers else 0,
+        )
+        step = "TCP_REPAIR=1"
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+    except OSError as exc:
+        raise _failure(step, _conn(sock), exc) from exc
     ok = False
     try:
-        inq = k.call("SIOCINQ", _ioctl_int, sock, SIOCINQ)
-        outq = k.call("SIOCOUTQ", _ioctl_int, sock, SIOCOUTQ)
-        unsent_len = k.call("SIOCOUTQNSD", _ioctl_int, sock, SIOCOUTQNSD)
-        k.set("TCP_REPAIR_QUEUE send", TCP_REPAIR_QUEUE, SEND_QUEUE)
-        write_seq = k.get("TCP_QUEUE_SEQ send", TCP_QUEUE_SEQ)
-        send_queue = k.call("peek send queue", _peek, sock, outq)
-        k.set("TCP_REPAIR_QUEUE recv", TCP_REPAIR_QUEUE, RECV_QUEUE)
-        rcv_nxt = k.get("TCP_QUEUE_SEQ recv", TCP_QUEUE_SEQ)
-        recv_queue = k.call("peek receive queue", _peek, sock, inq)
-        k.set("TCP_REPAIR_QUEUE none", TCP_REPAIR_QUEUE, NO_QUEUE)
-        tsval = k.get("TCP_TIMESTAMP", TCP_TIMESTAMP)
+        step = "SIOCINQ"
+        inq = _ioctl_int(fd, SIOCINQ)
+        step = "SIOCOUTQ"
+        outq = _ioctl_int(fd, SIOCOUTQ)
+        step = "SIOCOUTQNSD"
+        unsent_len = _ioctl_int(fd, SIOCOUTQNSD)
+        step = "TCP_REPAIR_QUEUE send"
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
+        step = "TCP_QUEUE_SEQ send"
+        write_seq = get(SOL_TCP, TCP_QUEUE_SEQ)
+        step = "peek send queue"
+        send_queue = _peek(sock, outq)
+        step = "TCP_REPAIR_QUEUE recv"
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
+        step = "TCP_QUEUE_SEQ recv"
+        rcv_nxt = get(SOL_TCP, TCP_QUEUE_SEQ)
+        step = "peek receive queue"
+        recv_queue = _peek(sock, inq)
+        step = "TCP_REPAIR_QUEUE none"
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, NO_QUEUE)
+        step = "TCP_TIMESTAMP"
+        tsval = get(SOL_TCP, TCP_TIMESTAMP)
         read_at_ms = time.time_ns() // 1_000_000
-        mss_clamp = k.get("TCP_MAXSEG", socket.TCP_MAXSEG)
-        win = k.get_struct("TCP_REPAIR_WINDOW", TCP_REPAIR_WINDOW, "struct tcp_repair_window")
+        step = "TCP_MAXSEG"
+        mss_clamp = get(SOL_TCP, socket.TCP_MAXSEG)
+        step = "TCP_REPAIR_WINDOW"
+        win = _struct(_WINDOW_P, get(SOL_TCP, TCP_REPAIR_WINDOW, _WINDOW_SIZE))
         sent_len = outq - unsent_len
+        wscales = int(info.tcpi_wscales)
         ici = Ici(
             identity=identity,
             state=TcpState.ESTABLISHED,
-            params=Params(mss_clamp, wscales & 0xF, wscales >> 4, options),
+            params=Params(mss_clamp, wscales & 0xF, wscales >> 4,
+                          TcpOption(info.tcpi_options & 0xF)),
             snd_una=(write_seq - outq) & U32,
             rcv_nxt=rcv_nxt & U32,
             window=Window(win.snd_wl1, win.snd_wnd, win.max_window, win.rcv_wnd, win.rcv_wup),
@@ -243,9 +237,14 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
         )
         ok = True
         return ici
+    except OSError as exc:
+        raise _failure(step, identity, exc) from exc
     finally:
         if not (ok and stay_in_repair):
-            k.set("TCP_REPAIR off", TCP_REPAIR, REPAIR_OFF_NO_WP)
+            try:
+                sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF_NO_WP)
+            except OSError as exc:
+                raise _failure("TCP_REPAIR off", identity, exc) from exc
 
 
 def dump_many(socks: Iterable[socket.socket], *, stay_in_repair: bool = False) -> list[Ici]:
@@ -257,31 +256,29 @@ def discard(sock: socket.socket) -> None:
     """Close a socket without a FIN or RST: enter repair mode, then close.
 
     If the kernel refuses repair mode the socket is left open (closing it would send a FIN)."""
-    _Calls(sock).set("TCP_REPAIR=1 (discard)", TCP_REPAIR, REPAIR_ON)
+    try:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+    except OSError as exc:
+        raise _failure("TCP_REPAIR=1 (discard)", _conn(sock), exc) from exc
     sock.close()
 
 
 def _repair_options(params: Params) -> bytes:
     # TCPOPT_WINDOW always: connect() in repair mode leaves the locally chosen receive scale
     # in place, so an unscaled connection must be told 0/0 or it advertises windows >> 7.
-    opts: list[tuple[int, int]] = [
-        (TCPOPT_MSS, params.mss_clamp),
-        (TCPOPT_WINDOW, params.snd_wscale | (params.rcv_wscale << 16)),
-    ]
-    if TcpOption.SACK in params.options:
+    opts = [(TCPOPT_MSS, params.mss_clamp),
+            (TCPOPT_WINDOW, params.snd_wscale | (params.rcv_wscale << 16))]
+    flags = int(params.options)
+    if flags & TcpOption.SACK:
         opts.append((TCPOPT_SACK_PERM, 0))
-    if TcpOption.TIMESTAMPS in params.options:
+    if flags & TcpOption.TIMESTAMPS:
         opts.append((TCPOPT_TIMESTAMP, 0))
-    arr = ffi.new("struct tcp_repair_opt[]", len(opts))
-    for i, (code, val) in enumerate(opts):
-        arr[i].opt_code, arr[i].opt_val = code, val
+    arr = ffi.new(_OPTS, opts)
     return bytes(ffi.buffer(arr))
 
 
 def _repair_window(w: Window) -> bytes:
-    win = ffi.new("struct tcp_repair_window *",
-                  {"snd_wl1": w.snd_wl1, "snd_wnd": w.snd_wnd, "max_window": w.max_window,
-                   "rcv_wnd": w.rcv_wnd, "rcv_wup": w.rcv_wup})
+    win = ffi.new(_WINDOW_P, (w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup))
     return bytes(ffi.buffer(win))
 
 
@@ -290,18 +287,6 @@ def _write_queue(sock: socket.socket, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[sock.send(view):]
-
-
-def _fit_buffers(k: _Calls, so: SockOpts, send_bytes: int, recv_bytes: int) -> None:
-    """Set the buffer sizes the ICI keeps, or grow them so the restored queues fit."""
-    for name, opt, force, wanted, needed in (
-        ("SO_SNDBUF", socket.SO_SNDBUF, SO_SNDBUFFORCE, so.sndbuf, send_bytes),
-        ("SO_RCVBUF", socket.SO_RCVBUF, SO_RCVBUFFORCE, so.rcvbuf, recv_bytes),
-    ):
-        if wanted:
-            k.set(name, opt, wanted, socket.SOL_SOCKET)
-        if needed > _QUEUE_FITS_DEFAULT_BUFFER:
-            k.set(name, force, 2 * needed, socket.SOL_SOCKET)
 
 
 def restore(
@@ -322,58 +307,85 @@ def restore(
     check(ici, policy)
     if (sock is not None) != (port_mode is PortMode.PREBOUND):
         raise ValueError("a socket is passed exactly when port_mode is PREBOUND")
-    ident, params, af = ici.identity, ici.params, _FAMILY_AF[ici.identity.family]
+    ident, params = ici.identity, ici.params
+    af = _FAMILY_AF[ident.family]
     if sock is None:
         sock = socket.socket(af, socket.SOCK_STREAM)
     elif sock.family != af or sock.type != socket.SOCK_STREAM:
         raise ValueError(f"the prebound socket must be an {af.name} stream socket, got {sock!r}")
-    k = _Calls(sock, ident)
+    setopt, so = sock.setsockopt, ici.sockopts
+    step = "SO_REUSEADDR"
     try:
-        k.set("SO_REUSEADDR", socket.SO_REUSEADDR, 1, socket.SOL_SOCKET)
-        k.set("TCP_REPAIR=1", TCP_REPAIR, REPAIR_ON)  # after SO_REUSEADDR: forces port reuse
-        if ident.family is Family.IPV4:  # the service address may arrive only at the switch
-            k.set("IP_TRANSPARENT", IP_TRANSPARENT, 1, socket.IPPROTO_IP)
+        setopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        step = "TCP_REPAIR=1"  # after SO_REUSEADDR, which would undo its forced port reuse
+        setopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+        step = "IP_TRANSPARENT"  # the service address may arrive only with the switch
+        if af == socket.AF_INET:
+            setopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
         else:
-            k.set("IPV6_TRANSPARENT", IPV6_TRANSPARENT, 1, socket.IPPROTO_IPV6)
-        _fit_buffers(k, ici.sockopts, len(ici.sent) + len(ici.unsent), len(ici.received))
-        k.set("TCP_REPAIR_QUEUE send", TCP_REPAIR_QUEUE, SEND_QUEUE)
-        k.set("TCP_QUEUE_SEQ send", TCP_QUEUE_SEQ, _UINT.pack(ici.snd_una))
-        k.set("TCP_REPAIR_QUEUE recv", TCP_REPAIR_QUEUE, RECV_QUEUE)
-        k.set("TCP_QUEUE_SEQ recv", TCP_QUEUE_SEQ, _UINT.pack(ici.rcv_queue_seq))
-        k.set("TCP_MAXSEG", socket.TCP_MAXSEG, min(params.mss_clamp, MAX_TCP_MAXSEG))
-        local = str(ipaddress.ip_address(ident.local_addr))
+            setopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        step = "buffer sizes"
+        send_bytes, recv_bytes = len(ici.sent) + len(ici.unsent), len(ici.received)
+        if so.sndbuf:
+            setopt(socket.SOL_SOCKET, socket.SO_SNDBUF, so.sndbuf)
+        if so.rcvbuf:
+            setopt(socket.SOL_SOCKET, socket.SO_RCVBUF, so.rcvbuf)
+        if send_bytes > _QUEUE_FITS_DEFAULT_BUFFER:
+            setopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(2 * send_bytes, so.sndbuf))
+        if recv_bytes > _QUEUE_FITS_DEFAULT_BUFFER:
+            setopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(2 * recv_bytes, so.rcvbuf))
+        step = "TCP_QUEUE_SEQ send"
+        setopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
+        setopt(SOL_TCP, TCP_QUEUE_SEQ, _UINT.pack(ici.snd_una))
+        step = "TCP_QUEUE_SEQ recv"
+        setopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
+        setopt(SOL_TCP, TCP_QUEUE_SEQ, _UINT.pack(ici.rcv_queue_seq))
+        step = "TCP_MAXSEG"  # before connect, or the MSS derives from 536
+        setopt(SOL_TCP, socket.TCP_MAXSEG, min(params.mss_clamp, MAX_TCP_MAXSEG))
+        step = "bind"
         if port_mode is PortMode.SAME:
-            k.call("bind", sock.bind, (local, ident.local_port))
+            sock.bind((socket.inet_ntop(af, ident.local_addr), ident.local_port))
         elif port_mode is PortMode.ANY:
-            k.call("bind", sock.bind, (local, 0))
-        k.call("connect", sock.connect, (str(ipaddress.ip_address(ident.peer_addr)),
-                                         ident.peer_port))
-        k.set("TCP_REPAIR_OPTIONS", TCP_REPAIR_OPTIONS, _repair_options(params))
-        if TcpOption.TIMESTAMPS in params.options:
+            sock.bind((socket.inet_ntop(af, ident.local_addr), 0))
+        step = "connect"  # no SYN in repair mode
+        sock.connect((socket.inet_ntop(af, ident.peer_addr), ident.peer_port))
+        step = "TCP_REPAIR_OPTIONS"
+        setopt(SOL_TCP, TCP_REPAIR_OPTIONS, _repair_options(params))
+        if params.options & TcpOption.TIMESTAMPS:
+            step = "TCP_TIMESTAMP"
             now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-            tsval = ici.timestamp.estimate(now, ts_margin_ms)
-            k.set("TCP_TIMESTAMP", TCP_TIMESTAMP, _UINT.pack(tsval))
-        sock.setblocking(False)
-        if ici.received:
-            k.set("TCP_REPAIR_QUEUE recv", TCP_REPAIR_QUEUE, RECV_QUEUE)
-            k.call("write receive queue", _write_queue, sock, ici.received)
-        if ici.sent:
-            k.set("TCP_REPAIR_QUEUE send", TCP_REPAIR_QUEUE, SEND_QUEUE)
-            k.call("write sent queue", _write_queue, sock, ici.sent)
-        sock.setblocking(True)
-        k.set("TCP_REPAIR_WINDOW", TCP_REPAIR_WINDOW, _repair_window(ici.window))
-        k.set("TCP_REPAIR_QUEUE none", TCP_REPAIR_QUEUE, NO_QUEUE)
-        k.call("socket options", _apply_sockopts, sock, ici.sockopts)
-    except BaseException:
+            setopt(SOL_TCP, TCP_TIMESTAMP,
+                   _UINT.pack(ici.timestamp.estimate(now, ts_margin_ms)))
+        if ici.received or ici.sent:
+            sock.setblocking(False)
+            if ici.received:
+                step = "write receive queue"
+                setopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
+                _write_queue(sock, ici.received)
+            if ici.sent:
+                step = "write sent queue"
+                setopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
+                _write_queue(sock, ici.sent)
+            sock.setblocking(True)
+        step = "TCP_REPAIR_WINDOW"  # after the receive queue: EINVAL if rcv_wup > rcv_nxt
+        setopt(SOL_TCP, TCP_REPAIR_WINDOW, _repair_window(ici.window))
+        step = "TCP_REPAIR_QUEUE none"
+        setopt(SOL_TCP, TCP_REPAIR_QUEUE, NO_QUEUE)
+        step = "socket options"
+        if so != _DEFAULT_SOCKOPTS:
+            _apply_sockopts(sock, so)
+    except BaseException as exc:
         sock.close()  # still in repair mode, or never connected: nothing goes on the wire
+        if isinstance(exc, OSError):
+            raise _failure(step, ident, exc) from exc
         raise
     return Restored(sock, ici)
 
 
 def _apply_sockopts(sock: socket.socket, so: SockOpts) -> None:
+    """Set the kept options (skipped by restore() when all are the kernel's defaults)."""
     sock.setsockopt(SOL_TCP, socket.TCP_NODELAY, int(so.nodelay))
-    if so.keepalive:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(so.keepalive))
     for opt, value in ((socket.TCP_KEEPIDLE, so.keepidle), (socket.TCP_KEEPINTVL, so.keepintvl),
                        (socket.TCP_KEEPCNT, so.keepcnt)):
         if value:
@@ -408,11 +420,16 @@ def activate(restored: Restored, *, window_probe: bool = True) -> socket.socket:
     With window_probe the kernel sends a probe on leaving repair mode, which makes the peer
     answer with an ACK (the paper's step 10 wake-up) even when there is nothing to send.
     """
-    k = _Calls(restored.sock, restored.ici.identity)
-    k.set("TCP_REPAIR off", TCP_REPAIR, REPAIR_OFF if window_probe else REPAIR_OFF_NO_WP)
-    if restored.ici.unsent:
-        k.call("send unsent bytes", restored.sock.sendall, restored.ici.unsent)
-    return restored.sock
+    sock, ici = restored.sock, restored.ici
+    step = "TCP_REPAIR off"
+    try:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF if window_probe else REPAIR_OFF_NO_WP)
+        if ici.unsent:
+            step = "send unsent bytes"
+            sock.sendall(ici.unsent)
+    except OSError as exc:
+        raise _failure(step, ici.identity, exc) from exc
+    return sock
 
 
 def activate_many(

@@ -8,7 +8,7 @@ Pure: `check(ici, policy)` returns nothing or raises IciRejected with the reason
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
 from kernel.ici import Ici, TcpOption, TcpState
@@ -38,11 +38,21 @@ class RestorePolicy:
     max_send_queue: int = 16 << 20
     max_recv_queue: int = 16 << 20
     states: frozenset[TcpState] = frozenset({TcpState.ESTABLISHED})
+    packed: frozenset[bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "packed", frozenset(a.packed for a in self.local_addresses))
 
     @classmethod
     def serving(cls, *addresses: str) -> RestorePolicy:
         """The default limits, serving the given textual addresses."""
         return cls(frozenset(ipaddress.ip_address(a) for a in addresses))
+
+
+def _unicast(addr: bytes) -> bool:
+    if not any(addr):
+        return False
+    return addr[0] < 224 if len(addr) == 4 else addr[0] != 0xFF
 
 
 def check(ici: Ici, policy: RestorePolicy) -> None:
@@ -51,14 +61,13 @@ def check(ici: Ici, policy: RestorePolicy) -> None:
     if ici.state not in policy.states:
         allowed = ", ".join(sorted(s.name for s in policy.states))
         raise IciRejected("state", f"expected one of {allowed}, got {ici.state.name}")
-    if ident.local_ip not in policy.local_addresses:
+    if ident.local_addr not in policy.packed:
         raise IciRejected("local address",
                           f"{ident.local_ip} is not an address this host serves "
                           f"({', '.join(sorted(map(str, policy.local_addresses))) or 'none'})")
-    peer = ident.peer_ip
-    if peer.is_unspecified or peer.is_multicast or ident.peer_port == 0:
-        raise IciRejected("peer",
-                          f"expected a unicast peer with a port, got {peer}:{ident.peer_port}")
+    if not _unicast(ident.peer_addr) or ident.peer_port == 0:
+        raise IciRejected("peer", f"expected a unicast peer with a port, got "
+                          f"{ident.peer_ip}:{ident.peer_port}")
     if not TCP_MIN_MSS <= params.mss_clamp <= TCP_MAX_MSS:
         raise IciRejected("mss", f"expected {TCP_MIN_MSS}..{TCP_MAX_MSS}, got {params.mss_clamp}")
     for name in ("snd_wscale", "rcv_wscale"):

@@ -3,6 +3,7 @@ standby's namespace, every byte arriving exactly once; refused ICIs leave nothin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -209,3 +210,43 @@ def test_forged_icis_are_refused_and_leave_no_socket_or_packet(on_origin: Lab) -
     assert packets == 0, f"standby put {packets} bytes of packets on the wire"
     origin.close()
     peer.close()
+
+
+def test_kept_socket_options_and_large_queues_survive_the_restore(on_origin: Lab) -> None:
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 40)
+    origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    origin.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 33)
+    origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    peer.sendall(counting(0, 100_000))  # unread: receive queue
+    time.sleep(0.1)
+    with lab.enter("origin"):
+        isolation = Isolation(table="iso_big")
+        isolation.add([flow_of(origin)])
+    try:
+        origin.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        origin.setblocking(False)
+        queued = 0
+        with contextlib.suppress(BlockingIOError):
+            while queued < 1_000_000:
+                queued += origin.send(counting(queued, 1_000_000 - queued))
+        ici = repair.dump(origin, stay_in_repair=True)
+        repair.discard(origin)
+        assert len(ici.sent) + len(ici.unsent) == queued > 500_000
+        assert len(ici.received) == 100_000
+        with lab.enter("standby"):
+            restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        lab.switch_route("standby")
+        sock = repair.activate(restored)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 33
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+        assert recv_exactly(peer, queued, timeout=20) == counting(0, queued)
+        assert recv_exactly(sock, 100_000) == counting(0, 100_000)
+        sock.close()
+        peer.close()
+    finally:
+        with lab.enter("origin"):
+            isolation.close()

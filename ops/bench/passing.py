@@ -1,0 +1,153 @@
+"""Connection passing: per-connection dump/restore/activate µs in bulk, isolation to first byte.
+
+For 1, 100, 1,000 and 10,000 idle connections peer -> service (origin) in the lab: dump all
+(staying in repair mode), discard them, restore all in standby's namespace, switch the route,
+activate all; each phase timed and divided by the count. Then, over 5 runs of one connection
+holding unsent bytes, the time from isolating it on origin to the peer receiving its first byte
+from standby (dump, discard, restore, route switch and activation included), and from activation
+alone. Writes bench/passing.json: per_conn_us (keyed by count: dump + restore + activate),
+phases_us, first_byte_ms, activation_to_first_byte_ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kernel import repair
+from kernel.demo_server import raise_fd_limit
+from kernel.passing import Isolation, flow_of
+from kernel.sanity import RestorePolicy
+from ops.lab import Lab
+
+log = structlog.get_logger("tcpcp.bench.passing")
+BASE_PORT = 9300
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--counts", default="1,100,1000,10000",
+                        help="connection counts, comma separated (default 1,100,1000,10000)")
+    parser.add_argument("--first-byte-runs", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=Path("bench/passing.json"))
+
+
+def _connections(lab: Lab, n: int, port: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """n connections peer -> service:port; (peer sockets, origin sockets)."""
+    with lab.enter("origin"):
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((lab.service(4), port))
+        ls.listen(4096)
+    peers: list[socket.socket] = []
+    origins: list[socket.socket] = []
+    with lab.enter("peer"):
+        while len(peers) < n:
+            batch = min(1000, n - len(peers))
+            for _ in range(batch):
+                peers.append(socket.create_connection((lab.service(4), port), timeout=10))
+            origins += [ls.accept()[0] for _ in range(batch)]
+    ls.close()
+    return peers, origins
+
+
+def _bulk(lab: Lab, n: int, port: int) -> dict[str, float]:
+    peers, origins = _connections(lab, n, port)
+    policy = RestorePolicy.serving(lab.service(4))
+    t0 = time.perf_counter()
+    icis = repair.dump_many(origins, stay_in_repair=True)
+    t1 = time.perf_counter()
+    for s in origins:
+        s.close()  # in repair mode: silent
+    t2 = time.perf_counter()
+    with lab.enter("standby"):
+        restored, failed = repair.restore_many(icis, policy)
+    t3 = time.perf_counter()
+    if failed:
+        raise RuntimeError(f"{len(failed)} restores failed, first: {failed[0][1]}")
+    lab.switch_route("standby")
+    t4 = time.perf_counter()
+    socks = repair.activate_many(restored)
+    t5 = time.perf_counter()
+    probe = [0, n // 2, n - 1]  # the passed connections still carry bytes
+    for i in probe:
+        peers[i].sendall(b"ping")
+        socks[i].settimeout(5)
+        assert socks[i].recv(4) == b"ping"
+    for s in socks + peers:
+        s.close()
+    lab.switch_route("origin")
+    per = {"dump": (t1 - t0), "discard": (t2 - t1), "restore": (t3 - t2),
+           "switch": (t4 - t3), "activate": (t5 - t4)}
+    return {k: v * 1e6 / n for k, v in per.items()}
+
+
+def _first_byte(lab: Lab, port: int) -> tuple[float, float]:
+    """(isolation -> first byte at the peer, activation -> first byte) in ms."""
+    (peer,), (origin,) = _connections(lab, 1, port)
+    got: dict[str, float] = {}
+
+    def read() -> None:
+        peer.settimeout(10)
+        data = peer.recv(100)
+        got["t"] = time.perf_counter()
+        got["n"] = len(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with lab.enter("origin"):
+        isolation = Isolation(table="tcpcp_bench_fb")
+    try:
+        t0 = time.perf_counter()
+        with lab.enter("origin"):
+            isolation.add([flow_of(origin)])
+        origin.sendall(b"x" * 100)  # held back by the isolation: unsent at the dump
+        ici = repair.dump(origin, stay_in_repair=True)
+        origin.close()
+        with lab.enter("standby"):
+            restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        lab.switch_route("standby")
+        t_act = time.perf_counter()
+        sock = repair.activate(restored)
+        reader.join(timeout=10)
+        if "t" not in got:
+            raise RuntimeError("the peer received nothing from the destination")
+    finally:
+        with lab.enter("origin"):
+            isolation.close()
+    sock.close()
+    peer.close()
+    lab.switch_route("origin")
+    return (got["t"] - t0) * 1e3, (got["t"] - t_act) * 1e3
+
+
+def run(args: argparse.Namespace) -> int:
+    raise_fd_limit()
+    counts = [int(c) for c in args.counts.split(",") if c]
+    results: dict[str, Any] = {"per_conn_us": {}, "phases_us": {}}
+    with Lab() as lab:
+        for i, n in enumerate(counts):
+            phases = _bulk(lab, n, BASE_PORT + i)
+            total = phases["dump"] + phases["restore"] + phases["activate"]
+            results["per_conn_us"][str(n)] = round(total, 1)
+            results["phases_us"][str(n)] = {k: round(v, 1) for k, v in phases.items()}
+            print(f"{n:>6} conns: dump {phases['dump']:.1f} + restore {phases['restore']:.1f} "
+                  f"+ activate {phases['activate']:.1f} = {total:.1f} us/conn "
+                  f"(discard {phases['discard']:.1f}, switch {phases['switch']:.1f})")
+        firsts = [_first_byte(lab, BASE_PORT + 100 + r) for r in range(args.first_byte_runs)]
+    results["first_byte_ms"] = round(statistics.median(f for f, _ in firsts), 2)
+    results["activation_to_first_byte_ms"] = round(statistics.median(a for _, a in firsts), 3)
+    results["first_byte_runs_ms"] = [round(f, 2) for f, _ in firsts]
+    print(f"isolation -> first byte from destination: {results['first_byte_ms']} ms median "
+          f"(activation -> first byte {results['activation_to_first_byte_ms']} ms)")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.output}")
+    return 0
