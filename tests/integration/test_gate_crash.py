@@ -1,17 +1,22 @@
 """Crash with received-but-uncommitted bytes: with the gate, the peer still holds every byte from
-the committed sequence on (its `ss -tin`), so a restore from the committed state loses nothing;
-without the gate the peer has forgotten bytes that died with the origin."""
+the committed sequence on (its `ss -tin`), and a connection restored on the standby from the
+committed state receives those bytes exactly once; without the gate the peer has forgotten bytes
+that died with the origin."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import time
 
 import pytest
 
+from kernel import repair
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
+from kernel.quarantine import Quarantine
+from kernel.sanity import RestorePolicy
 from ops.lab import Lab
 from tests.integration import gatelab as G
 
@@ -82,3 +87,64 @@ def test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequenc
         assert (acked, held) == (1 + COMMITTED, SENT - COMMITTED)  # bytes_acked counts the SYN
     else:
         assert acked >= 1 + READ and held <= SENT - READ
+
+
+def _pattern(n: int) -> bytes:
+    return bytes(i % 251 for i in range(n))
+
+
+def test_connection_restored_from_the_committed_state_receives_the_held_bytes_exactly_once(
+        fresh_lab: Lab) -> None:
+    lab = fresh_lab
+    stream = _pattern(SENT)
+    with AckGate("eth0", netns=lab.netns("origin")) as gate:
+        gate.guard_listen(PORT)
+        srv = lab.call("origin", G.listener, 4, PORT)
+        try:
+            accept = lab.submit("origin", srv.accept)
+            peer = lab.call("peer", _connect, lab.service(4))
+            conn, addr = accept.result(timeout=10)
+            conn.settimeout(10)
+            flow = Flow.of(conn.getsockname()[:2], addr[:2])
+            cfg = gate.config(flow)
+            assert cfg is not None
+            sender = lab.submit("peer", peer.sendall, stream)
+            origin_data = b""
+            while len(origin_data) < COMMITTED:
+                chunk = conn.recv(min(4096, COMMITTED - len(origin_data)))
+                assert chunk, "peer closed early"
+                origin_data += chunk
+                gate.commit(flow, cfg.committed_seq + len(origin_data))
+            # the checkpoint: the endpoint as of the commit, nothing received after it
+            ici = repair.dump(conn)
+            committed = (cfg.committed_seq + COMMITTED) & 0xFFFFFFFF
+            checkpoint = dataclasses.replace(
+                ici, rcv_nxt=committed, received=b"",
+                window=dataclasses.replace(ici.window, rcv_wup=committed))
+            origin_data += _recv_exactly(conn, READ - COMMITTED)  # read, never committed
+            time.sleep(0.3)
+            lab.crash("origin")
+        finally:
+            srv.close()
+    assert origin_data == stream[:READ]
+
+    with Quarantine("eth0", netns=lab.netns("standby")) as q:
+        q.observe(flow)
+        lab.switch_route("standby")
+        deadline = time.monotonic() + 10
+        while q.observed(flow) is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the peer's retransmission timer brings its next segment
+        policy = RestorePolicy.serving(lab.service(4))
+        restored = lab.call("standby", repair.restore, checkpoint, policy)
+        seen = q.release(flow)
+        sock = lab.call("standby", repair.activate, restored)
+    assert seen is not None and seen.seq == committed  # the peer resends from the commit on
+    sender.result(timeout=20)
+    lab.call("peer", peer.shutdown, socket.SHUT_WR)
+    sock.settimeout(20)
+    rest = b""
+    while chunk := sock.recv(65536):
+        rest += chunk
+    assert rest == stream[COMMITTED:]  # every held byte, once, in order
+    sock.close()
+    peer.close()
