@@ -15,6 +15,8 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,27 +41,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("bench/passing.json"))
 
 
-def _connections(lab: Lab, n: int, port: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    """n connections peer -> service:port; (peer sockets, origin sockets)."""
+_PEER_SCRIPT = """
+import socket, sys
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection((addr, port), timeout=10) for _ in range(n)]
+print("ready", flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "ping":
+        for i in map(int, words[1:]):
+            socks[i].sendall(b"ping")
+        print("pinged", flush=True)
+    else:
+        break
+"""
+
+
+class _Peers:
+    """n connections to service:port held by a process in peer's namespace (the file
+    descriptor limit would not hold both ends of 10,000 connections in one process)."""
+
+    def __init__(self, lab: Lab, n: int, port: int) -> None:
+        self.proc = lab.popen("peer", [sys.executable, "-c", _PEER_SCRIPT, lab.service(4),
+                                       str(port), str(n)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+
+    def ready(self) -> None:
+        if self.stdout.readline().strip() != "ready":
+            raise RuntimeError("the peer process could not open its connections")
+
+    def ping(self, indices: list[int]) -> None:
+        self.stdin.write("ping " + " ".join(map(str, indices)) + "\n")
+        self.stdin.flush()
+        self.stdout.readline()
+
+    def close(self) -> None:
+        self.stdin.write("quit\n")
+        self.stdin.flush()
+        self.proc.wait(timeout=60)
+
+
+def _accept_all(lab: Lab, n: int, port: int) -> tuple[_Peers, list[socket.socket]]:
     with lab.enter("origin"):
         ls = socket.socket()
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((lab.service(4), port))
         ls.listen(4096)
-    peers: list[socket.socket] = []
-    origins: list[socket.socket] = []
-    with lab.enter("peer"):
-        while len(peers) < n:
-            batch = min(1000, n - len(peers))
-            for _ in range(batch):
-                peers.append(socket.create_connection((lab.service(4), port), timeout=10))
-            origins += [ls.accept()[0] for _ in range(batch)]
+    peers = _Peers(lab, n, port)
+    origins = [ls.accept()[0] for _ in range(n)]
+    peers.ready()
     ls.close()
     return peers, origins
 
 
 def _bulk(lab: Lab, n: int, port: int) -> dict[str, float]:
-    peers, origins = _connections(lab, n, port)
+    peers, origins = _accept_all(lab, n, port)
     policy = RestorePolicy.serving(lab.service(4))
     t0 = time.perf_counter()
     icis = repair.dump_many(origins, stay_in_repair=True)
@@ -76,12 +114,14 @@ def _bulk(lab: Lab, n: int, port: int) -> dict[str, float]:
     t4 = time.perf_counter()
     socks = repair.activate_many(restored)
     t5 = time.perf_counter()
-    probe = [0, n // 2, n - 1]  # the passed connections still carry bytes
+    probe = sorted({0, n // 2, n - 1})  # the passed connections still carry bytes
+    peers.ping(probe)
     for i in probe:
-        peers[i].sendall(b"ping")
         socks[i].settimeout(5)
-        assert socks[i].recv(4) == b"ping"
-    for s in socks + peers:
+        if socks[i].recv(4) != b"ping":
+            raise RuntimeError(f"passed connection {i} lost its peer's bytes")
+    peers.close()
+    for s in socks:
         s.close()
     lab.switch_route("origin")
     per = {"dump": (t1 - t0), "discard": (t2 - t1), "restore": (t3 - t2),
@@ -91,7 +131,15 @@ def _bulk(lab: Lab, n: int, port: int) -> dict[str, float]:
 
 def _first_byte(lab: Lab, port: int) -> tuple[float, float]:
     """(isolation -> first byte at the peer, activation -> first byte) in ms."""
-    (peer,), (origin,) = _connections(lab, 1, port)
+    with lab.enter("origin"):
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((lab.service(4), port))
+        ls.listen()
+    with lab.enter("peer"):
+        peer = socket.create_connection((lab.service(4), port), timeout=10)
+    origin = ls.accept()[0]
+    ls.close()
     got: dict[str, float] = {}
 
     def read() -> None:
@@ -133,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     counts = [int(c) for c in args.counts.split(",") if c]
     results: dict[str, Any] = {"per_conn_us": {}, "phases_us": {}}
     with Lab() as lab:
+        _bulk(lab, 10, BASE_PORT + 200)  # warm-up (imports, first cffi use), not recorded
         for i, n in enumerate(counts):
             phases = _bulk(lab, n, BASE_PORT + i)
             total = phases["dump"] + phases["restore"] + phases["activate"]
