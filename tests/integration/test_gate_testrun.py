@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernel import bpfbuild
 from kernel.bpf import layout
@@ -175,12 +177,12 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         assert tcp_checksum_valid(got.data), f"bad checksum after rewriting {item}"
         rewritten += 1
     assert rewritten > 500 and untouched > 300
-    for fid, st in model.states.items():
+    for fid, want in model.states.items():
         raw = states_map.lookup(flow_key(_flow(fid)))
         assert raw is not None, f"no gate_states entry for {fid}"
         got_state = layout.from_bytes("struct gate_state", raw)
-        for name in st.__dataclass_fields__:
-            assert getattr(got_state, name) == getattr(st, name), f"{fid} {name}"
+        for name in want.__dataclass_fields__:
+            assert getattr(got_state, name) == getattr(want, name), f"{fid} {name}"
 
 
 def test_flow_not_in_the_map_passes_byte_identical(gate: BpfObject) -> None:
@@ -198,3 +200,42 @@ def test_flow_not_in_the_map_passes_byte_identical(gate: BpfObject) -> None:
         frame = build_frame(seg)
         got = gate.test_run("gate_egress", frame)
         assert (got.retval, got.data) == (TC_ACT_OK, frame)
+
+
+segments = st.builds(
+    lambda version, seq, ack, committed_back, window, ws, flags, ts, blocks, payload: (
+        Segment(*(("10.77.9.1", "10.77.1.2") if version == 4 else ("fd77:9::1", "fd77:1::2")),
+                80, 40000, seq, ack, flags, window,
+                _hyp_options(ts, blocks), payload),
+        FlowConfig((ack - committed_back) & MASK, ws, 1)),
+    st.sampled_from([4, 6]), st.integers(0, MASK), st.integers(0, MASK),
+    st.integers(-70_000, 1 << 20), st.integers(0, 65535), st.integers(0, 14),
+    st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, RST | ACK, 0]),
+    st.one_of(st.none(), st.tuples(st.integers(0, MASK), st.integers(0, MASK))),
+    st.integers(0, 4), st.binary(max_size=64))
+
+
+def _hyp_options(ts: tuple[int, int] | None, blocks: int) -> bytes:
+    opts = b"" if ts is None else b"\x01\x01" + struct.pack("!BBII", 8, 10, *ts)
+    blocks = min(blocks, 3 if ts else 4)
+    if blocks:
+        opts += b"\x01\x01" + struct.pack("!BB", 5, 2 + 8 * blocks) + bytes(range(8 * blocks))
+    return opts
+
+
+@settings(max_examples=400, deadline=None)
+@given(segments)
+def test_single_segment_of_a_fresh_flow_matches_the_model(
+        gate: BpfObject, case: tuple[Segment, FlowConfig]) -> None:
+    seg, cfg = case
+    for m in (gate.map("gate_flows"), gate.map("gate_states")):
+        for key in list(m.keys()):
+            m.delete(key)
+    fid = (seg.src, seg.sport, seg.dst, seg.dport)
+    _set_config(gate, fid, cfg)
+    model = GateModel(flows={fid: cfg})
+    verdict, expected = model.run(seg)
+    got = gate.test_run("gate_egress", build_frame(seg))
+    assert got.retval == verdict
+    assert _without_checksum(got.data) == _without_checksum(build_frame(expected))
+    assert tcp_checksum_valid(got.data)
