@@ -62,6 +62,7 @@ assert _version_match, "store/functions.lua must define LIBRARY_VERSION"
 LIBRARY_VERSION = int(_version_match.group(1))
 
 PUT_BATCH = 64  # records per FCALL in put_many
+PUT_BATCH_BYTES = 256 * 1024  # and about this many record bytes
 T = TypeVar("T")
 
 
@@ -147,6 +148,10 @@ def _translate(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, rx.ConnectionError | rx.TimeoutError | rx.ReadOnlyError
                   | rx.ClusterDownError | MasterNotFoundError | rx.SlotNotCoveredError):
         return StoreUnavailable(f"{what}: Redis unreachable or not primary: {exc}")
+    if isinstance(exc, rx.ResponseError) and "function not found" in str(exc).lower():
+        return StoreUnavailable(
+            f"{what}: the server has no tcpcp function library (restarted without its data, or "
+            f"a failover to an unprepared server); reconnect to load it: {exc}")
     if isinstance(exc, rx.ResponseError) and str(exc).startswith(("READONLY", "LOADING",
                                                                   "MASTERDOWN", "TRYAGAIN")):
         return StoreUnavailable(f"{what}: Redis cannot serve writes now: {exc}")
@@ -155,6 +160,20 @@ def _translate(exc: Exception, what: str) -> StoreError:
 
 def _scan_meta_keys(client: redis.Redis) -> list[bytes]:
     return list(client.scan_iter(match=META_PATTERN, count=1000))
+
+
+def _chunks(items: list[tuple[str, int, bytes]], count: int,
+            max_bytes: int = PUT_BATCH_BYTES) -> list[list[tuple[str, int, bytes]]]:
+    """Split records into FCALL batches of at most `count` records and about `max_bytes`."""
+    batches: list[list[tuple[str, int, bytes]]] = [[]]
+    size = 0
+    for item in items:
+        if batches[-1] and (len(batches[-1]) >= count or size + len(item[2]) > max_bytes):
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += len(item[2])
+    return batches if batches[0] else []
 
 
 # --- routing ---------------------------------------------------------------------------------
@@ -453,8 +472,7 @@ class CheckpointStore:
                     f"got ({cp.origin!r}, {cp.epoch})"
                 )
         items = [(cp.conn, cp.version, encode(cp, self.keys, self.limits)) for cp in cps]
-        statuses = self._put_batches(OriginKeys(origin), epoch,
-                                     [items[i:i + batch] for i in range(0, len(items), batch)])
+        statuses = self._put_batches(OriginKeys(origin), epoch, _chunks(items, batch))
         return [
             PutOutcome(cp.conn, cp.version, None if status == "OK" else _item_refusal(
                 status, origin, cp.conn, cp.version, self.limits.max_records_per_origin))

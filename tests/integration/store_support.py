@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,11 +25,27 @@ import redis
 from store.signing import KeyRing
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(cluster_bus: bool = False) -> int:
+    """A free port; with cluster_bus, one below 55536 whose bus port (+10000) is free too."""
+    if not cluster_bus:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            return port
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 class LocalRedis:
@@ -36,7 +53,7 @@ class LocalRedis:
 
     def __init__(self, conf: dict[str, str] | None = None, *, sentinel_conf: str | None = None,
                  port: int | None = None) -> None:
-        self.port = port or free_port()
+        self.port = port or free_port(cluster_bus="cluster-enabled" in (conf or {}))
         self.dir = Path(tempfile.mkdtemp(prefix="tcpcp-redis-"))
         self.conf = {"bind": "127.0.0.1", "port": str(self.port), "dir": str(self.dir),
                      "logfile": str(self.dir / "redis.log")}

@@ -41,7 +41,7 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                     SERVICE, [("127.0.0.1", s.port) for s in sentinels],
                     durability=Durability.parse("wait:1:500"), connect_timeout_s=0.5)
                 acknowledged: list[Checkpoint] = []
-                refused: list[type] = []
+                refused: list[str] = []
                 failed_over_at: int | None = None
                 restarted = False
                 with CheckpointStore.connect(config, keyring) as store:
@@ -51,7 +51,8 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                     while i < 1000 or (failed_over_at is not None
                                        and not any(c.version > failed_over_at
                                                    for c in acknowledged)):
-                        assert time.monotonic() < deadline, "no put succeeded after failover"
+                        assert time.monotonic() < deadline, \
+                            f"no put succeeded after failover; last refusals {refused[-3:]}"
                         i += 1
                         if i == 300:
                             primary.kill()
@@ -60,11 +61,12 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                             store.put(record)
                             acknowledged.append(record)
                         except (StoreUnavailable, DurabilityError) as exc:
-                            refused.append(type(exc))
+                            refused.append(f"put {i}: {exc}")
                             time.sleep(0.02)
-                        if i > 300 and failed_over_at is None and \
-                                sentinel_master_port(sentinels[0], SERVICE) == replica.port:
-                            failed_over_at = i
+                        if i > 300 and failed_over_at is None and all(
+                                sentinel_master_port(s, SERVICE) == replica.port
+                                for s in sentinels):
+                            failed_over_at = i  # every Sentinel names the new primary
                         if failed_over_at is not None and not restarted:
                             primary.start()  # comes back empty; Sentinel makes it a replica
                             restarted = True

@@ -1,0 +1,178 @@
+"""Checkpoint store: puts/s and put latency p50/p99 by record size, without and with WAIT 1.
+
+Starts its own redis-server primary and replica on 127.0.0.1 (temporary directories, free
+ports) unless --url is given. For each record size (encoded, signed record bytes) it measures:
+  single  one put() at a time, each waiting for its reply (and WAIT) before the next: the
+          latency a checkpoint commit sees;
+  batch   put_many() of --batch records in one round trip (one FCALL per 64 records, one
+          WAIT for the whole set): the rate of bulk checkpoints.
+A PING loop on the same server is the baseline: one-at-a-time puts cannot beat the round-trip
+rate. Writes bench/store.json; keys puts_per_s_<size>, put_p50_us_<size>, put_p99_us_<size>
+(single, no durability), the same with suffix _wait1, batch_puts_per_s_<size>[_wait1],
+ping_per_s and put_vs_ping_<size> (single-put rate / PING rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+import structlog
+
+from store.client import CheckpointStore
+from store.config import Durability, StoreConfig
+from store.record import Checkpoint, encode
+from store.signing import KeyRing
+
+log = structlog.get_logger()
+
+SIZES = {"256": 256, "1k": 1024, "4k": 4096, "64k": 65536}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="use this Redis (no replica: WAIT 1 runs are skipped)")
+    parser.add_argument("--puts", type=int, default=5000,
+                        help="single puts per size and durability (64k: a fifth of it)")
+    parser.add_argument("--batch", type=int, default=1000, help="records per put_many call")
+    parser.add_argument("--batches", type=int, default=10, help="put_many calls per run")
+    parser.add_argument("--output", type=Path, default=Path("bench/store.json"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _redis(replicaof: int | None = None) -> Iterator[int]:
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="tcpcp-bench-redis-")
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir,
+            "--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+            "--logfile", os.path.join(workdir, "redis.log")]
+    if replicaof is not None:
+        argv += ["--replicaof", "127.0.0.1", str(replicaof)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(200):
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                break
+            time.sleep(0.025)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_replica(port: int) -> None:
+    admin = redis.Redis(port=port)
+    for _ in range(400):
+        admin.set("bench-probe", 1)
+        if int(admin.wait(1, 50)) >= 1:
+            return
+    raise RuntimeError("replica never acknowledged writes")
+
+
+def _checkpoint(keys: KeyRing, size: int, conn: str, epoch: int, version: int) -> Checkpoint:
+    base = Checkpoint(origin="bench", conn=conn, epoch=epoch, version=version, time_ns=0,
+                      inbound_consumed=0, outbound_produced=0, ici=b"i" * 96, app_state=b"",
+                      send_queue=b"")
+    pad = max(0, size - len(encode(base, keys)))
+    return Checkpoint(origin="bench", conn=conn, epoch=epoch, version=version,
+                      time_ns=time.time_ns(), inbound_consumed=version, outbound_produced=version,
+                      ici=b"i" * 96, app_state=b"a" * (pad // 2),
+                      send_queue=b"q" * (pad - pad // 2))
+
+
+def _percentile(samples: list[int], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
+
+
+def _measure(store: CheckpointStore, keys: KeyRing, size: int, puts: int, batch: int,
+             batches: int) -> dict[str, float]:
+    epoch = store.lease_acquire("bench", "bench", ttl_ms=600_000)
+    conns = [f"10.77.1.2:{40000 + i}>10.77.9.1:80" for i in range(100)]
+    version = int(time.time_ns())  # above anything stored by an earlier run
+    records = [_checkpoint(keys, size, conns[i % 100], epoch, version + i) for i in range(puts)]
+    latencies: list[int] = []
+    started = time.perf_counter_ns()
+    for cp in records:
+        t = time.perf_counter_ns()
+        store.put(cp)
+        latencies.append(time.perf_counter_ns() - t)
+    single_s = (time.perf_counter_ns() - started) / 1e9
+    version += puts
+    bulk = [[_checkpoint(keys, size, f"b{i}", epoch, version + b) for i in range(batch)]
+            for b in range(batches)]
+    started = time.perf_counter_ns()
+    for group in bulk:
+        outcomes = store.put_many(group)
+        assert all(o.error is None for o in outcomes), outcomes[0]
+    batch_s = (time.perf_counter_ns() - started) / 1e9
+    store.delete("bench", epoch, conns + [f"b{i}" for i in range(batch)])
+    return {"puts_per_s": round(puts / single_s), "put_p50_us": _percentile(latencies, 0.50),
+            "put_p99_us": _percentile(latencies, 0.99), "put_mean_us":
+            round(statistics.fmean(latencies) / 1000, 1),
+            "batch_puts_per_s": round(batch * batches / batch_s)}
+
+
+def _ping_rate(url: str, n: int) -> float:
+    """Round trips per second to the same server: the ceiling for one-at-a-time puts."""
+    client = redis.Redis.from_url(url)
+    started = time.perf_counter()
+    for _ in range(n):
+        client.execute_command("PING")
+    return n / (time.perf_counter() - started)
+
+
+def _run_all(url: str, keys: KeyRing, args: argparse.Namespace, durability: Durability,
+             suffix: str, results: dict[str, float]) -> None:
+    config = StoreConfig.standalone(url, durability=durability)
+    with CheckpointStore.connect(config, keys) as store:
+        ping = _ping_rate(url, args.puts)
+        results[f"ping_per_s{suffix}"] = round(ping)
+        print(f"baseline: {ping:.0f} PING round trips/s (one client, same server)")
+        for name, size in SIZES.items():
+            puts = args.puts if size < 65536 else max(100, args.puts // 5)
+            batch = args.batch if size < 65536 else max(10, args.batch // 10)
+            m = _measure(store, keys, size, puts, batch, args.batches)
+            for key, value in m.items():
+                results[f"{key}_{name}{suffix}"] = value
+            results[f"put_vs_ping_{name}{suffix}"] = round(m["puts_per_s"] / ping, 3)
+            print(f"{name:>4} B  durability {durability!s:<12} single: {m['puts_per_s']:>7} "
+                  f"puts/s  p50 {m['put_p50_us']:>7.1f} us  p99 {m['put_p99_us']:>7.1f} us   "
+                  f"batch of {batch}: {m['batch_puts_per_s']:>7} puts/s")
+
+
+def run(args: argparse.Namespace) -> int:
+    keys = KeyRing(sign_with="bench", keys={"bench": os.urandom(32)})
+    results: dict[str, float] = {}
+    if args.url:
+        _run_all(args.url, keys, args, Durability(), "", results)
+    else:
+        with _redis() as primary, _redis(replicaof=primary):
+            _wait_replica(primary)
+            url = f"redis://127.0.0.1:{primary}"
+            _run_all(url, keys, args, Durability(), "", results)
+            _run_all(url, keys, args, Durability.parse("wait:1:1000"), "_wait1", results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.output}")
+    return 0
