@@ -6,7 +6,7 @@ has committed them (DESIGN.md section 4).
         ...application reads and checkpoints...
         gate.commit(flow, new_rcv_nxt)   # moves the committed sequence, forces an ACK at once
         gate.freeze(flow) / gate.thaw(flow)   # drop / let through every egress segment
-        gate.counters(flow); gate.forget(flow)
+        gate.counters(flow); gate.state(flow); gate.forget(flow)
 
 The BPF program (kernel/bpf/gate.bpf.c) does the rewriting at tc egress; this class writes its
 configuration map, reads its state map and sends the forced ACKs (kernel/forced_ack.py).
@@ -55,6 +55,18 @@ class GateState:
     tsval: int | None
     tsecr: int
     rcv_wscale: int
+    packets: int
+    acks_clamped: int
+    sack_stripped: int
+    windows_capped: int
+    frozen_dropped: int
+    tsvals_raised: int
+
+
+@dataclass(frozen=True, slots=True)
+class GateCounters:
+    """Per-flow counters kept by the BPF program."""
+
     packets: int
     acks_clamped: int
     sack_stripped: int
@@ -232,7 +244,13 @@ class AckGate:
                          s.acks_clamped, s.sack_stripped, s.windows_capped, s.frozen_dropped,
                          s.tsvals_raised)
 
-    counters = state
+    def counters(self, flow: Flow) -> GateCounters:
+        """How many segments of flow the gate saw, clamped, capped, stripped, dropped, raised."""
+        st = self.state(flow)
+        if st is None:
+            return GateCounters(0, 0, 0, 0, 0, 0)
+        return GateCounters(st.packets, st.acks_clamped, st.sack_stripped, st.windows_capped,
+                            st.frozen_dropped, st.tsvals_raised)
 
     # ------------------------------------------------------------------ internals
     def _flows_map(self) -> BpfMap:
