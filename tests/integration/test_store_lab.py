@@ -1,0 +1,194 @@
+"""The store across the lab: origin and standby reach Redis on the store hosts over the network.
+
+Clients run inside the origin's and the standby's namespaces (lab.call); Redis, Sentinels and
+Cluster nodes run on store, store2, store3 (ops/redislab.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from ops.lab import Lab
+from ops.redislab import RedisClusterSet, RedisServer, SentinelSet
+from store.client import CheckpointStore, OriginState
+from store.config import Durability, StoreConfig
+from store.errors import (
+    ClaimLost,
+    DurabilityError,
+    LeaseHeld,
+    StaleEpoch,
+    StoreUnavailable,
+)
+from store.keys import OriginKeys
+from store.record import Checkpoint
+from store.signing import KeyRing
+from tests.integration.store_support import keyring, wait_for  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.lab
+ORIGIN = "origin-a"
+
+
+def cp(i: int, epoch: int, origin: str = ORIGIN, conn: str | None = None) -> Checkpoint:
+    return Checkpoint(origin=origin, conn=conn or f"c{i}", epoch=epoch, version=i,
+                      time_ns=time.time_ns(), inbound_consumed=i * 100, outbound_produced=i,
+                      ici=b"ici%d" % i, app_state=b"state-%d" % i, send_queue=b"q" * (i % 50))
+
+
+def test_partitioned_origin_cannot_renew_and_is_fenced_by_the_standby_claim(
+        lab: Lab, redis_factory: Callable[..., RedisServer],
+        keyring: KeyRing) -> None:  # noqa: F811
+    srv = redis_factory("store")
+    config = StoreConfig.standalone(srv.url, socket_timeout_s=0.5, connect_timeout_s=0.5)
+    origin = lab.call("origin", CheckpointStore.connect, config, keyring)
+    standby = lab.call("standby", CheckpointStore.connect, config, keyring)
+    try:
+        epoch = lab.call("origin", origin.lease_acquire, ORIGIN, ORIGIN, 1500)
+        first = cp(1, epoch)
+        lab.call("origin", origin.put, first)
+        lab.partition("origin", ["store"])
+        with pytest.raises(StoreUnavailable):
+            lab.call("origin", origin.lease_renew, ORIGIN, ORIGIN, epoch, 1500)
+        state: OriginState = lab.call("standby", standby.state, ORIGIN)
+        assert state.lease_holder == ORIGIN
+        with pytest.raises(LeaseHeld):
+            lab.call("standby", standby.claim, ORIGIN, "standby", state.epoch, 5000)
+        wait_for(lambda: lab.call("standby", standby.state, ORIGIN).lease_holder is None, 3,
+                 "the origin's lease to expire")
+        new_epoch = lab.call("standby", standby.claim, ORIGIN, "standby", state.epoch, 5000)
+        assert new_epoch == epoch + 1
+        (read,) = list(lab.call("standby", lambda: list(standby.records(ORIGIN))))
+        assert read.error is None and read.checkpoint == first
+        lab.heal()
+        with pytest.raises(StaleEpoch):  # the origin comes back: every write is refused
+            lab.call("origin", origin.put, cp(2, epoch))
+        with pytest.raises(StaleEpoch):
+            lab.call("origin", origin.lease_renew, ORIGIN, ORIGIN, epoch, 1500)
+    finally:
+        lab.heal()
+        origin.close()
+        standby.close()
+
+
+def _sentinel_master(sentinels: SentinelSet) -> set[tuple[str, int]]:
+    return {sentinels.primary_address(via=i) for i in range(len(sentinels.sentinels))}
+
+
+def _sentinels_know_each_other(lab: Lab, sentinels: SentinelSet) -> bool:
+    for s in sentinels.sentinels:
+        def others(s=s) -> int:  # type: ignore[no-untyped-def]
+            c = s.client()
+            try:
+                return int(c.execute_command("SENTINEL", "MASTER", sentinels.service)
+                           [b"num-other-sentinels"])
+            finally:
+                c.close()
+        if lab.call(s.host, others) != len(sentinels.sentinels) - 1:
+            return False
+    return True
+
+
+def test_every_acknowledged_put_survives_a_primary_crash_and_failover_in_the_lab(
+        lab: Lab, redis_factory: Callable[..., RedisServer],
+        keyring: KeyRing) -> None:  # noqa: F811
+    primary = redis_factory("store", repl_diskless_sync_delay="0")
+    replica = redis_factory("store2", replicaof=primary)
+    sentinels = SentinelSet(lab, primary, ["store", "store2", "store3"], service="tcpcp-lab",
+                            down_after_ms=1000).start()
+    try:
+        wait_for(lambda: _sentinels_know_each_other(lab, sentinels), 30, "sentinel discovery")
+
+        def replica_acks() -> bool:
+            c = primary.client()
+            try:
+                c.set("probe", 1)
+                return int(c.wait(1, 100)) == 1
+            finally:
+                c.close()
+        wait_for(lambda: lab.call("store", replica_acks), 15, "replica acknowledging")
+        config = StoreConfig.sentinel(sentinels.service, sentinels.addresses,
+                                      durability=Durability.parse("wait:1:500"),
+                                      connect_timeout_s=0.5, socket_timeout_s=1.0)
+        old = (primary.addr, primary.port)
+        new = (replica.addr, replica.port)
+
+        def scenario() -> tuple[list[Checkpoint], list[str], int]:
+            acknowledged: list[Checkpoint] = []
+            refused: list[str] = []
+            failed_over_at = 0
+            with CheckpointStore.connect(config, keyring) as store:
+                epoch = store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=600_000)
+                deadline = time.monotonic() + 90
+                i = 0
+                while i < 1000 or not any(c.version > failed_over_at > 0 for c in acknowledged):
+                    assert time.monotonic() < deadline, f"stuck; last refusals {refused[-3:]}"
+                    i += 1
+                    if i == 300:
+                        primary.kill()
+                    record = cp(i, epoch)
+                    try:
+                        store.put(record)
+                        acknowledged.append(record)
+                    except (StoreUnavailable, DurabilityError) as exc:
+                        refused.append(f"put {i}: {exc}")
+                        time.sleep(0.02)
+                    if i > 300 and not failed_over_at and _sentinel_master(sentinels) == {new}:
+                        failed_over_at = i
+                        primary.restart()  # back empty; the Sentinels make it a replica
+            return acknowledged, refused, failed_over_at
+
+        acknowledged, refused, failed_over_at = lab.call("origin", scenario)
+        assert _sentinel_master(sentinels) == {new} and new != old
+        assert failed_over_at > 300 and refused
+        assert len([c for c in acknowledged if c.version < 300]) == 299
+
+        def read_all() -> dict[str, object]:
+            with CheckpointStore.connect(config, keyring) as reader:
+                return {r.conn: r for r in reader.records(ORIGIN)}
+        stored = lab.call("standby", read_all)
+        for written in acknowledged:
+            got = stored[written.conn]
+            assert got.error is None and got.checkpoint == written  # type: ignore[attr-defined]
+    finally:
+        sentinels.stop()
+
+
+def test_cluster_of_three_primaries_serves_origins_on_different_nodes_in_the_lab(
+        lab: Lab, keyring: KeyRing) -> None:  # noqa: F811
+    cluster = RedisClusterSet(lab, ["store", "store2", "store3"], base_port=7100).start()
+    try:
+        config = StoreConfig.cluster(cluster.nodes[0].url)
+
+        def scenario() -> dict[str, str]:
+            placed: dict[str, str] = {}
+            with CheckpointStore.connect(config, keyring) as store:
+                rc = store._router.cluster  # type: ignore[attr-defined]
+                for i in range(1000):
+                    origin = f"origin-{i}"
+                    node = rc.get_node_from_key(OriginKeys(origin).meta)
+                    placed.setdefault(node.host, origin)
+                    if len(placed) == 3:
+                        break
+                for origin in placed.values():
+                    epoch = store.lease_acquire(origin, origin, ttl_ms=5000)
+                    store.put_many([cp(v, epoch, origin, conn=f"c{v % 5}") for v in range(1, 11)])
+                    got = store.get(origin, "c3")
+                    assert got is not None and (got.version, got.origin) == (8, origin)
+                    assert store.connections(origin) == {f"c{v}": v + 5 for v in range(5)} | {
+                        "c0": 10}
+                    store.lease_release(origin, origin, epoch)
+                    new_epoch = store.claim(origin, "standby", epoch, ttl_ms=5000)
+                    with pytest.raises((ClaimLost, LeaseHeld)):
+                        store.claim(origin, "standby-2", epoch, ttl_ms=5000)
+                    with pytest.raises(StaleEpoch):
+                        store.put(cp(11, epoch, origin, conn="c1"))
+                    assert new_epoch == epoch + 1
+                assert set(placed.values()) <= set(store.origins())
+            return placed
+
+        placed = lab.call("origin", scenario)
+        assert set(placed) == {lab.addr(h) for h in ("store", "store2", "store3")}
+    finally:
+        cluster.stop()
