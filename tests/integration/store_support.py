@@ -52,7 +52,7 @@ class LocalRedis:
     """One redis-server (or redis-sentinel) process with its own dir and port."""
 
     def __init__(self, conf: dict[str, str] | None = None, *, sentinel_conf: str | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, client_kwargs: dict[str, object] | None = None) -> None:
         self.port = port or free_port(cluster_bus="cluster-enabled" in (conf or {}))
         self.dir = Path(tempfile.mkdtemp(prefix="tcpcp-redis-"))
         self.conf = {"bind": "127.0.0.1", "port": str(self.port), "dir": str(self.dir),
@@ -62,6 +62,7 @@ class LocalRedis:
                               "repl-diskless-sync-delay": "0"})
         self.conf.update(conf or {})
         self.sentinel_conf = sentinel_conf
+        self.client_kwargs = client_kwargs or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,7 +92,8 @@ class LocalRedis:
         raise RuntimeError(f"redis on port {self.port} did not answer within 10 s: {self.log()}")
 
     def admin(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
+                           **self.client_kwargs)  # type: ignore[arg-type]
 
     def log(self) -> str:
         with contextlib.suppress(OSError):
