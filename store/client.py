@@ -373,16 +373,25 @@ class CheckpointStore:
                 raise _translate(exc, what) from exc
         raise AssertionError("unreachable")
 
-    def _fcall(self, name: str, keys: OriginKeys, *args: object) -> Any:
+    def _fcall(self, name: str, keys: OriginKeys, *args: object, durable: bool = False) -> Any:
+        """FCALL one library function; with `durable`, also await the configured durability."""
+        durability = self._durability_command() if durable else None
+
         def run() -> Any:
             client = self._router.for_keys(keys)
-            try:
-                return client.execute_command("FCALL", name, 4, *keys.all(), *args)
-            except rx.ResponseError as exc:
-                refusal = _refusal(str(exc), keys.origin)
-                if refusal is not None:
-                    raise refusal from None
-                raise
+            pipe = client.pipeline(transaction=False)
+            pipe.execute_command("FCALL", name, 4, *keys.all(), *args)
+            if durability is not None:
+                pipe.execute_command(*durability)
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], rx.ResponseError):
+                refusal = _refusal(str(replies[0]), keys.origin)
+                raise refusal if refusal is not None else replies[0]
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            if durability is not None:
+                self._check_durable(replies[1], keys.origin)
+            return replies[0]
         return self._call(f"{name} on origin {keys.origin!r}", run)
 
     def _durability_command(self) -> tuple[object, ...] | None:
@@ -484,7 +493,7 @@ class CheckpointStore:
         names = [check_name("connection", c) for c in conns]
         if not names:
             return 0
-        return int(self._fcall("tcpcp_delete", OriginKeys(origin), epoch, *names))
+        return int(self._fcall("tcpcp_delete", OriginKeys(origin), epoch, *names, durable=True))
 
     def lease_acquire(self, origin: str, holder: str, ttl_ms: int) -> int:
         """Take the origin's lease (first owner becomes owner at epoch 1); returns the epoch.
@@ -492,7 +501,8 @@ class CheckpointStore:
         Raises LeaseHeld if another holder's lease is live, NotOwner if another holder owns it.
         """
         check_name("holder", holder)
-        return int(self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms)))
+        return int(self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms),
+                               durable=True))
 
     def lease_renew(self, origin: str, holder: str, epoch: int, ttl_ms: int) -> None:
         """Extend a live lease. Raises LeaseLost (expired), StaleEpoch/NotOwner (fenced)."""
@@ -507,11 +517,13 @@ class CheckpointStore:
 
         `seen_epoch` is the epoch read (state()) when the lease was seen expired; of claimers
         that saw the same epoch exactly one wins, the others get ClaimLost. LeaseHeld while
-        another holder's lease is live.
+        another holder's lease is live. The claim awaits the configured durability (a claim
+        lost in a failover would un-fence the origin); on DurabilityError it may still have
+        been applied: state().owner == holder then says this claimer holds the origin.
         """
         check_name("holder", holder)
         return int(self._fcall("tcpcp_claim", OriginKeys(origin), holder, seen_epoch,
-                               int(ttl_ms)))
+                               int(ttl_ms), durable=True))
 
     # -- reads --
 

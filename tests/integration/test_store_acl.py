@@ -51,8 +51,10 @@ def test_least_privilege_acl_user_runs_every_store_operation(
     with CheckpointStore.connect(StoreConfig.standalone(
             redis_server.url, username="tcpcp", password="s3cret", durability=wait),
             keyring) as store:
-        epoch = store.lease_acquire("origin-b", "origin-b", ttl_ms=5000)
         with pytest.raises(DurabilityError):  # no replica here: WAIT is allowed but unmet
+            store.lease_acquire("origin-b", "origin-b", ttl_ms=5000)
+        epoch = store.state("origin-b").epoch
+        with pytest.raises(DurabilityError):
             store.put(dataclasses.replace(cp(epoch, 1), origin="origin-b"))
     user = redis.Redis(host="127.0.0.1", port=redis_server.port, username="tcpcp",
                        password="s3cret")

@@ -64,6 +64,10 @@ def test_wait_1_put_fails_within_the_timeout_when_the_replica_is_stopped(
                 assert elapsed < 0.3 + 2.0, f"put took {elapsed:.2f} s, timeout was 0.3 s"
                 with pytest.raises(DurabilityError):
                     store.put_many([cp(f"b{i}", epoch, 1) for i in range(10)])
+                store.lease_release(ORIGIN, ORIGIN, epoch)
+                with pytest.raises(DurabilityError, match="WAIT"):  # a claim is fencing state
+                    store.claim(ORIGIN, "standby-1", epoch, ttl_ms=5000)
+                assert store.state(ORIGIN).owner == "standby-1"  # applied on the primary only
 
 
 def _store_raw(server: LocalRedis, conn: str, raw: bytes) -> None:
