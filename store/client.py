@@ -42,6 +42,7 @@ from store.errors import (
     LibraryVersionError,
     NotOwner,
     RecordError,
+    RecordTooLarge,
     StaleEpoch,
     StoreConfigError,
     StoreError,
@@ -83,7 +84,7 @@ class PutOutcome:
 
     conn: str
     version: int
-    error: WriteRefused | None
+    error: WriteRefused | RecordTooLarge | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,8 @@ def _refusal(message: str, origin: str) -> WriteRefused | None:
     return None
 
 
-def _item_refusal(status: str, origin: str, conn: str, version: int, limit: int) -> WriteRefused:
+def _item_refusal(status: str, origin: str, conn: str, version: int,
+                  limit: int) -> WriteRefused | RecordTooLarge:
     code, _, value = status.partition(" ")
     if code == "VERSION_NOT_NEWER":
         return VersionNotNewer(
@@ -135,6 +137,8 @@ def _item_refusal(status: str, origin: str, conn: str, version: int, limit: int)
             given=version, stored=int(value))
     if code == "TOO_MANY":
         return TooManyRecords(f"origin {origin!r} may hold at most {limit} records, has {value}")
+    if code == "TOO_LARGE":
+        return RecordTooLarge(f"record {origin}/{conn} is {value} bytes, above the store's limit")
     return WriteRefused(f"record {origin}/{conn} refused by the store: {status}")
 
 
