@@ -1,0 +1,225 @@
+"""TCP_COMMIT_SEQ on the patched guest kernel, seen on the wire of a veth pair at MTU 1500.
+
+The origin (server) holds its ACKs; the peer (client) is an ordinary socket. Segments are
+captured on the peer's side, i.e. what the peer actually receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel import patch_gate
+from kernel.patch_gate import CommitRefused, PatchGate
+from kernel.seq import after, seq_add, seq_diff
+from tests.kernelguest.wire import (
+    TCP_INFO_STATE_FIN_WAIT1,
+    TCP_INFO_STATE_FIN_WAIT2,
+    TCP_SYN,
+    Capture,
+    VethPair,
+    background,
+    inject,
+    run_in,
+    tcp_state,
+    wait_until,
+)
+
+
+@pytest.fixture
+def pair() -> Iterator[VethPair]:
+    with VethPair() as p:
+        yield p
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"expected {n} bytes, the stream ended after {len(out)}"
+        out += chunk
+    return bytes(out)
+
+
+def test_the_kernel_reports_the_commit_option_present() -> None:
+    assert patch_gate.commit_option_present()
+    assert patch_gate.select_backend() is patch_gate.Backend.PATCH
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_acks_on_the_wire_carry_only_committed_sequences_and_keep_the_right_edge(
+        pair: VethPair, family: int) -> None:
+    gate = PatchGate()
+    data = os.urandom(256 * 1024)
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(family, guard_listen=True)
+        with server, client:
+            info = gate.config(server)
+            assert info.gated and info.commit_seq == info.rcv_nxt
+            base = info.commit_seq
+            commits = [base]
+            consumed = 0
+            with background(lambda: client.sendall(data)):
+                while consumed < len(data):
+                    consumed += len(server.recv(65536))
+                    if consumed - (commits[-1] - base) >= 16384 or consumed == len(data):
+                        seq = seq_add(base, consumed)
+                        assert gate.commit(server, seq)
+                        commits.append(seq)
+            final = seq_add(base, len(data))
+            origin = pair.origin_addr(family)
+            cap.wait_for(lambda s: s.src == origin and s.ack == final)
+            acks = [s for s in cap.segments(src=origin) if s.is_ack]
+    syn_ack = next(s for s in acks if s.flags & TCP_SYN)
+    assert syn_ack.wscale is not None
+    data_acks = [s for s in acks if not s.flags & TCP_SYN]
+    assert {s.ack for s in data_acks} <= set(commits)
+    assert len({s.ack for s in data_acks}) > 3  # the commits really moved the ACK
+    edges = [seq_add(s.ack, s.window << syn_ack.wscale) for s in data_acks]
+    for earlier, later in itertools.pairwise(edges):
+        assert seq_diff(later, earlier) >= 0, f"right edge moved back {earlier} -> {later}"
+
+
+def _sack_after_out_of_order_segment(pair: VethPair, gated: bool) -> tuple[int, list[tuple[
+        tuple[int, int], ...]]]:
+    """Open a connection, deliver 1000 bytes, inject a segment 2000 bytes beyond them; return
+    the commit and the SACK blocks of every origin segment after the injection."""
+    run_in(pair.peer_ns, lambda: Path("/proc/sys/net/ipv4/tcp_timestamps").write_text("0"))
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(4, guard_listen=gated)
+        with server, client:
+            client.sendall(b"a" * 1000)
+            _recv_exactly(server, 1000)
+            info = patch_gate.commit_info(server)
+            origin, peer = pair.origin_addr(4), pair.peer_addr(4)
+            syn_ack = next(s for s in cap.segments(src=origin) if s.flags & TCP_SYN)
+            mark = cap.mark()
+            hole = seq_add(info.rcv_nxt, 2000)
+            inject(pair.peer_ns, (peer, client.getsockname()[1]), (origin, 5001), hole,
+                   seq_add(syn_ack.seq, 1), b"z" * 500)
+            cap.wait_for(lambda s: s.src == origin and s.ack == info.rcv_nxt
+                         if not gated else s.src == origin, since=mark)
+            wait_until(lambda: len(cap.segments(src=origin, since=mark)) >= 1)
+            blocks = [s.sack for s in cap.segments(src=origin, since=mark)]
+    return info.commit_seq, blocks
+
+
+def test_an_ungated_origin_sacks_an_out_of_order_segment(pair: VethPair) -> None:
+    _, blocks = _sack_after_out_of_order_segment(pair, gated=False)
+    assert any(b for b in blocks), f"expected a SACK block without the gate, got {blocks}"
+
+
+def test_a_gated_origin_sends_no_sack_block_above_the_commit(pair: VethPair) -> None:
+    commit, blocks = _sack_after_out_of_order_segment(pair, gated=True)
+    assert blocks, "expected the origin to answer the out-of-order segment"
+    for seg_blocks in blocks:
+        for start, end in seg_blocks:
+            assert not after(end, commit), f"SACK block {start}-{end} above commit {commit}"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_commit_sends_its_ack_before_the_peer_sends_anything_else(
+        pair: VethPair, family: int) -> None:
+    gate = PatchGate()
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(family, guard_listen=True)
+        with server, client:
+            base = gate.config(server).commit_seq
+            client.sendall(b"b" * 3000)
+            _recv_exactly(server, 3000)
+            origin = pair.origin_addr(family)
+            assert all(not after(s.ack, base) for s in cap.segments(src=origin))
+            mark = cap.mark()
+            assert gate.commit(server, seq_add(base, 3000))
+            ack = cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, 3000),
+                               since=mark)
+            before_ack = cap.segments(since=mark)
+            before_ack = before_ack[:before_ack.index(ack)]
+    assert not [s for s in before_ack if s.src != origin], \
+        "expected the commit's ACK to leave before any segment of the peer"
+
+
+def test_a_fin_is_acknowledged_only_once_the_commit_passes_it(pair: VethPair) -> None:
+    gate = PatchGate()
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(4, guard_listen=True)
+        with server, client:
+            base = gate.config(server).commit_seq
+            client.sendall(b"c" * 1000)
+            client.shutdown(socket.SHUT_WR)
+            assert _recv_exactly(server, 1000) == b"c" * 1000
+            assert server.recv(10) == b""
+            assert gate.config(server).rcv_nxt == seq_add(base, 1001)
+            origin = pair.origin_addr(4)
+            assert gate.commit(server, seq_add(base, 1000))
+            cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, 1000))
+            assert tcp_state(client) == TCP_INFO_STATE_FIN_WAIT1
+            assert not [s for s in cap.segments(src=origin) if s.ack == seq_add(base, 1001)]
+            assert gate.commit(server, seq_add(base, 1001))
+            cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, 1001))
+            wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
+                       what="the peer's FIN acknowledged")
+
+
+def test_the_commit_reads_back_and_is_refused_backwards_or_beyond_what_arrived(
+        pair: VethPair) -> None:
+    gate = PatchGate()
+    server, client = pair.connect(4, guard_listen=True)
+    with server, client:
+        base = gate.config(server).commit_seq
+        client.sendall(b"d" * 1000)
+        _recv_exactly(server, 1000)
+        assert gate.commit(server, seq_add(base, 500))
+        assert gate.config(server).commit_seq == seq_add(base, 500)
+        assert not gate.commit(server, seq_add(base, 500))
+        with pytest.raises(CommitRefused, match="backwards"):
+            patch_gate.set_commit(server, seq_add(base, 499))
+        with pytest.raises(CommitRefused, match="beyond"):
+            patch_gate.set_commit(server, seq_add(base, 1001))
+        info = gate.config(server)
+        assert (info.commit_seq, info.rcv_nxt, info.copied_seq) == (
+            seq_add(base, 500), seq_add(base, 1000), seq_add(base, 1000))
+
+
+def test_guarding_an_established_socket_refuses_a_sequence_already_acknowledged(
+        pair: VethPair) -> None:
+    gate = PatchGate()
+    server, client = pair.connect(4)
+    with server, client:
+        base = patch_gate.commit_info(server).rcv_nxt
+        assert not patch_gate.commit_info(server).gated
+        client.sendall(b"e" * 100)
+        _recv_exactly(server, 100)
+        wait_until(lambda: client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0)
+        with pytest.raises(CommitRefused):
+            patch_gate.set_commit(server, base)  # the 100 bytes were acknowledged already
+        info = gate.guard(server)
+        assert info.gated and info.commit_seq == seq_add(base, 100)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_stream_committed_as_it_is_read_arrives_intact(pair: VethPair, family: int) -> None:
+    gate = PatchGate()
+    data = os.urandom(4 * 1024 * 1024)
+    server, client = pair.connect(family, guard_listen=True)
+    received = bytearray()
+    with server, client:
+        base = gate.config(server).commit_seq
+        def send_all_then_fin() -> None:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+
+        with background(send_all_then_fin):
+            while chunk := server.recv(262144):
+                received += chunk
+                gate.commit(server, seq_add(base, len(received)))
+        gate.commit(server, seq_add(base, len(received) + 1))  # the FIN
+        wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
+                   what="everything acknowledged to the peer")
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
