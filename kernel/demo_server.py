@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from kernel import passing
+from kernel.errors import KernelError
 from kernel.sanity import RestorePolicy
 
 log = structlog.get_logger("tcpcp.demo")
@@ -218,7 +219,12 @@ class DemoServer:
             with ctl:
                 ctl.setblocking(True)
                 ctl.settimeout(60)
-                for sock, raw in passing.receive(ctl, self.policy, isolation=self.isolation):
+                try:
+                    live = passing.receive(ctl, self.policy, isolation=self.isolation)
+                except (KernelError, OSError) as exc:
+                    log.error("receive_failed", error=str(exc))
+                    return
+                for sock, raw in live:
                     self._adopt(sock, AppState.decode(raw))
 
     def _pass(self, cmd: dict[str, object], client: socket.socket) -> dict[str, object]:
@@ -242,6 +248,9 @@ class DemoServer:
                 self.isolation, switch)
         except Exception as exc:
             log.error("pass_failed", error=str(exc))
+            if isinstance(exc, passing.PassingError) and exc.resumed:
+                for c in chosen:
+                    self._adopt(c.sock, c.state)
             return {"event": "failed", "error": str(exc)}
         for sock, raw in kept:
             self._adopt(sock, AppState.decode(raw))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,13 +43,22 @@ def pass_connections(control: str, to: str, switch: Callable[[], None], *, count
         for msg in _lines(ctl):
             if msg.get("event") != "restored":
                 return msg
-            switch()
+            try:
+                switch()
+            except BaseException:
+                ctl.sendall(json.dumps({"cmd": "abort"}).encode() + b"\n")  # origin resumes
+                raise
             ctl.sendall(json.dumps({"cmd": "switched"}).encode() + b"\n")
     return {"event": "failed", "error": "control socket closed without an answer"}
 
 
 def run_pass(args: argparse.Namespace) -> int:
     def switch() -> None:
+        if args.switch_cmd:
+            done = subprocess.run(args.switch_cmd, shell=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"--switch-cmd exited with {done.returncode}")
+            log.info("traffic_switched", cmd=args.switch_cmd)
         if args.lab and args.switch_to:
             from ops.lab import Lab
 
@@ -86,6 +96,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--count", type=int, default=0, help="pass only this many (default: all)")
     p.add_argument("--lab", help="lab prefix whose gateway route to switch (tcpcp lab up)")
     p.add_argument("--switch-to", help="lab host to route the service address to")
+    p.add_argument("--switch-cmd", help="shell command that moves the traffic (step 8), run "
+                   "once everything is restored and before activation")
     p.add_argument("--status", action="store_true", help="only print the server's status")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for answers")
     p.set_defaults(func=lambda a: run_status(a) if a.status else _checked_pass(p, a))

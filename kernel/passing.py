@@ -18,6 +18,7 @@ decode_batch); the sockets and nftables calls are the thin shell around it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -48,7 +49,13 @@ ACTIVATE, ABORT = b"ACTIVATE\n", b"ABORT\n"
 
 
 class PassingError(KernelError):
-    """A pass could not go on: malformed transfer, refused step or a silent destination."""
+    """A pass could not go on: malformed transfer, refused step or a silent destination.
+
+    `resumed` says the origin took its connections back (usable again by the application)."""
+
+    def __init__(self, message: str, *, resumed: bool = False) -> None:
+        super().__init__(message)
+        self.resumed = resumed
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +150,10 @@ class Isolation:
 
     def __init__(self, table: str = "tcpcp_isolate") -> None:
         self.table = table
-        self.flows: set[Identity] = set()
+        self.flows: dict[Identity, int] = {}  # flow -> generation of the add that isolated it
+        self._generation = 0
         self._up = False
+        self._lock = threading.Lock()  # the grace-period timer removes flows from its thread
 
     def _nft(self, script: str) -> None:
         done = subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
@@ -181,25 +190,35 @@ table inet {t} {{
         return "\n".join(lines) + "\n"
 
     def add(self, flows: Iterable[Identity]) -> None:
-        new = [f for f in flows if f not in self.flows]
-        if not new:
-            return
-        if not self._up:
-            self._setup()
-        self._nft(self._elements("add", new))
-        self.flows.update(new)
+        with self._lock:
+            new = [f for f in flows if f not in self.flows]
+            if not new:
+                return
+            if not self._up:
+                self._setup()
+            self._nft(self._elements("add", new))
+            self._generation += 1
+            self.flows.update(dict.fromkeys(new, self._generation))
 
-    def remove(self, flows: Iterable[Identity]) -> None:
-        gone = [f for f in flows if f in self.flows]
-        if gone:
-            self._nft(self._elements("delete", gone))
-            self.flows.difference_update(gone)
+    def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None:
+        """Stop dropping these flows (with generation: only those isolated by that add)."""
+        with self._lock:
+            gone = [f for f in flows if f in self.flows
+                    and (generation is None or self.flows[f] == generation)]
+            if gone:
+                self._nft(self._elements("delete", gone))
+                for f in gone:
+                    del self.flows[f]
+
+    def generation_of(self, flow: Identity) -> int | None:
+        return self.flows.get(flow)
 
     def close(self) -> None:
-        if self._up:
-            self._nft(f"delete table inet {self.table}\n")
-            self._up = False
-            self.flows.clear()
+        with self._lock:
+            if self._up:
+                self._nft(f"delete table inet {self.table}\n")
+                self._up = False
+                self.flows.clear()
 
     def __enter__(self) -> Isolation:
         return self
@@ -267,25 +286,34 @@ def pass_out(
     t0 = time.perf_counter()
     flows = [flow_of(s) for s, _ in conns]
     isolation.add(flows)                                               # steps 1-2
-    t_iso = time.perf_counter()
-    icis = repair.dump_many((s for s, _ in conns), stay_in_repair=True)  # step 3 (+4)
-    t_dump = time.perf_counter()
-    batch = encode_batch([Handoff(i, st) for i, (_, st) in zip(icis, conns, strict=True)])
-    with socket.create_connection(destination, timeout=timeout_s) as ctl:   # step 5
-        ctl.sendall(_LEN.pack(len(batch)) + batch)
-        report = RestoreReport.from_json(_recv_line(ctl))               # steps 6-7 there
-        t_restored = time.perf_counter()
-        refused = dict(report.refused)
-        if report.restored:
-            try:
-                switch()                                                # step 8
-            except BaseException:
-                ctl.sendall(ABORT)
-                _resume([c for c, _ in conns], flows, isolation)
-                raise
-        t_switch = time.perf_counter()
-        ctl.sendall(ACTIVATE)                                           # steps 9-10 there
-        done = json.loads(_recv_line(ctl))
+    activating = False
+    try:
+        t_iso = time.perf_counter()
+        icis = repair.dump_many((s for s, _ in conns), stay_in_repair=True)  # step 3 (+4)
+        t_dump = time.perf_counter()
+        batch = encode_batch([Handoff(i, st) for i, (_, st) in zip(icis, conns, strict=True)])
+        with socket.create_connection(destination, timeout=timeout_s) as ctl:   # step 5
+            ctl.sendall(_LEN.pack(len(batch)) + batch)
+            report = RestoreReport.from_json(_recv_line(ctl))           # steps 6-7 there
+            t_restored = time.perf_counter()
+            refused = dict(report.refused)
+            if report.restored:
+                try:
+                    switch()                                            # step 8
+                except BaseException:
+                    ctl.sendall(ABORT)
+                    raise
+            t_switch = time.perf_counter()
+            activating = True
+            ctl.sendall(ACTIVATE)                                       # steps 9-10 there
+            done = json.loads(_recv_line(ctl))
+    except BaseException as exc:
+        if activating:  # the destination may be live: never resume here as well
+            raise PassingError(f"pass to {destination} interrupted during activation, "
+                               f"connections left isolated here: {exc}") from exc
+        _resume([s for s, _ in conns], flows, isolation)
+        raise PassingError(f"pass to {destination} abandoned, connections resumed here: "
+                           f"{exc}", resumed=True) from exc
     t_active = time.perf_counter()
     passed, kept = [], []
     for i, ((sock, state), flow) in enumerate(zip(conns, flows, strict=True)):
@@ -296,7 +324,7 @@ def pass_out(
             sock.close()  # still in repair mode since the dump: silent
             passed.append(flow)
     if passed:
-        _lift_later(isolation, passed, grace_s)
+        _lift_later(isolation, passed, isolation.generation_of(passed[0]), grace_s)
     timings = {"isolate": (t_iso - t0) * 1e6, "dump": (t_dump - t_iso) * 1e6,
                "transfer_restore": (t_restored - t_dump) * 1e6,
                "switch": (t_switch - t_restored) * 1e6,
@@ -310,15 +338,19 @@ def pass_out(
 
 def _resume(socks: Sequence[socket.socket], flows: Sequence[Identity],
             isolation: Isolation) -> None:
+    """Take connections back: repair off (a window probe wakes the peer), isolation lifted."""
     for s in socks:
-        s.setsockopt(repair.SOL_TCP, repair.TCP_REPAIR, repair.REPAIR_OFF)
+        with contextlib.suppress(OSError):
+            s.setsockopt(repair.SOL_TCP, repair.TCP_REPAIR, repair.REPAIR_OFF)
     isolation.remove(flows)
 
 
-def _lift_later(isolation: Isolation, flows: list[Identity], grace_s: float) -> None:
+def _lift_later(isolation: Isolation, flows: list[Identity], generation: int | None,
+                grace_s: float) -> None:
+    """Lift the isolation later, unless the flows were isolated again meanwhile."""
     def lift() -> None:
         try:
-            isolation.remove(flows)
+            isolation.remove(flows, generation=generation)
         except PassingError as exc:
             log.warning("isolation_not_lifted", error=str(exc))
 
@@ -354,14 +386,18 @@ def receive(
         except KernelError as exc:
             refused.append((i, str(exc)))
             log.warning("pass_refused", conn=str(h.ici.identity), error=str(exc))
-    ctl.sendall(RestoreReport(tuple(i for i, _ in restored), tuple(refused)).to_json())
-    word = _recv_line(ctl)
+    try:
+        ctl.sendall(RestoreReport(tuple(i for i, _ in restored), tuple(refused)).to_json())
+        word = _recv_line(ctl)
+    except (OSError, PassingError):
+        word = b""
     if word != ACTIVATE:
         for _, r in restored:
             repair.discard_restored(r)
-        log.info("pass_aborted", discarded=len(restored))
+        log.info("pass_aborted", discarded=len(restored), word=word.decode(errors="replace"))
         return []
     live = [(repair.activate(r), items[i].app_state) for i, r in restored]
-    ctl.sendall(json.dumps({"activated": len(live)}).encode() + b"\n")
+    with contextlib.suppress(OSError):
+        ctl.sendall(json.dumps({"activated": len(live)}).encode() + b"\n")
     log.info("pass_received", activated=len(live), refused=len(refused))
     return live

@@ -62,7 +62,7 @@ def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
             f.close()
 
 
-def status(control: str) -> dict[str, object]:
+def status(control: str) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(control)
         s.sendall(b'{"cmd": "status"}\n')
@@ -202,3 +202,74 @@ def test_a_thousand_connections_are_passed_at_once_and_back(
     finally:
         _, resets = cap.stop()
     assert resets == 0
+
+
+def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    socks = open_echo(lab, 4, 5)
+    standby = lab.addr("standby", 4)
+    switch = (f"ip -n {lab.netns('standby')} addr replace {lab.service(4)}/32 dev eth0 && "
+              f"ip -n {lab.netns('gw')} route replace {lab.service(4)}/32 via {standby}")
+    with EchoPeers(socks) as peers:
+        time.sleep(0.3)
+        done = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
+             "--control", servers["origin"], "--to", f"{standby}:{RECEIVE_PORT}",
+             "--switch-cmd", switch],
+            capture_output=True, text=True, timeout=120, check=False)
+        time.sleep(0.3)
+        assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["passed"] == 5
+        assert status(servers["standby"])["conns"] == 5
+        mid = list(peers.sent)
+        back = tcpcp_pass(lab, servers["standby"], "origin", 4)
+        assert back["passed"] == 5
+        time.sleep(0.3)
+        assert peers.finish()
+    assert peers.errors == {}
+    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    for s in socks:
+        s.close()
+
+
+def test_tcpcp_pass_resumes_connections_on_origin_when_the_switch_fails(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    socks = open_echo(lab, 4, 3)
+    with EchoPeers(socks) as peers:
+        time.sleep(0.2)
+        done = subprocess.run(
+            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
+             "--control", servers["origin"], "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}",
+             "--switch-cmd", "exit 3"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode != 0
+        time.sleep(0.3)
+        assert status(servers["standby"])["conns"] == 0
+        assert status(servers["origin"])["conns"] >= 3
+        mid = list(peers.sent)
+        time.sleep(0.3)
+        assert peers.finish()
+    assert peers.errors == {}
+    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    for s in socks:
+        s.close()
+
+
+def test_connections_passed_back_and_forth_faster_than_the_isolation_grace_keep_flowing(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    socks = open_echo(lab, 4, 2)
+    with EchoPeers(socks) as peers:
+        for src, dst in [("origin", "standby"), ("standby", "origin")] * 2:
+            time.sleep(0.2)
+            assert tcpcp_pass(lab, servers[src], dst, 4)["passed"] == 2
+        mid = list(peers.sent)
+        time.sleep(1.5)  # past every grace timer: none may cut the live flows
+        assert peers.finish()
+    assert peers.errors == {}
+    assert all(a > m + 10_000 for a, m in zip(peers.sent, mid, strict=True))
+    for s in socks:
+        s.close()
