@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import functools
 import socket
 import struct
 import time
@@ -263,7 +264,9 @@ def discard(sock: socket.socket) -> None:
     sock.close()
 
 
+@functools.lru_cache(maxsize=1024)
 def _repair_options(params: Params) -> bytes:
+    """The TCP_REPAIR_OPTIONS array for params (few distinct ones per host: cached)."""
     # TCPOPT_WINDOW always: connect() in repair mode leaves the locally chosen receive scale
     # in place, so an unscaled connection must be told 0/0 or it advertises windows >> 7.
     opts = [(TCPOPT_MSS, params.mss_clamp),

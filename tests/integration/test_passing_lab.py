@@ -27,15 +27,9 @@ SERVICE_PORT, RECEIVE_PORT = 8080, 7070
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    raise_fd_limit()
-    with Lab() as lab:
-        yield lab
-
-
-@pytest.fixture(scope="module")
 def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A demo server on origin and on standby; returns their control socket paths."""
+    raise_fd_limit()
     tmp = tmp_path_factory.mktemp("demo")
     controls, procs, logs = {}, [], []
     for host in ("origin", "standby"):

@@ -40,12 +40,6 @@ def recv_exactly(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
     return bytes(buf)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
-
-
 @pytest.fixture()
 def on_origin(lab: Lab) -> Iterator[Lab]:
     """Each test starts with the service on origin."""
