@@ -429,17 +429,30 @@ class CheckpointStore:
         """FCALL tcpcp_put per batch plus one durability command, pipelined on one connection."""
         limits = self.limits
 
+        durability = self._durability_command()
+        calls: list[list[object]] = []
+        for batch in batches:
+            args: list[object] = ["FCALL", "tcpcp_put", 4, *keys.all(), epoch,
+                                  limits.max_records_per_origin, limits.max_record]
+            for conn, version, record in batch:
+                args += [conn, version, record]
+            calls.append(args)
+
         def run() -> list[str]:
-            pipe = self._router.for_keys(keys).pipeline(transaction=False)
-            for batch in batches:
-                args: list[object] = [epoch, limits.max_records_per_origin, limits.max_record]
-                for conn, version, record in batch:
-                    args += [conn, version, record]
-                pipe.execute_command("FCALL", "tcpcp_put", 4, *keys.all(), *args)
-            durability = self._durability_command()
-            if durability is not None:
-                pipe.execute_command(*durability)
-            replies = pipe.execute(raise_on_error=False)
+            client = self._router.for_keys(keys)
+            replies: list[Any]
+            if durability is None and len(calls) == 1:  # one round trip without a pipeline
+                try:
+                    replies = [client.execute_command(*calls[0])]
+                except rx.ResponseError as exc:
+                    replies = [exc]
+            else:
+                pipe = client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.execute_command(*call)
+                if durability is not None:
+                    pipe.execute_command(*durability)
+                replies = pipe.execute(raise_on_error=False)
             statuses: list[str] = []
             for reply in replies[:len(batches)]:
                 if isinstance(reply, rx.ResponseError):
