@@ -6,6 +6,7 @@ Cluster nodes run on store, store2, store3 (ops/redislab.py).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -192,3 +193,70 @@ def test_cluster_of_three_primaries_serves_origins_on_different_nodes_in_the_lab
         assert set(placed) == {lab.addr(h) for h in ("store", "store2", "store3")}
     finally:
         cluster.stop()
+
+
+def test_claimers_on_two_hosts_exactly_one_wins_in_100_repetitions(
+        lab: Lab, redis_factory: Callable[..., RedisServer],
+        keyring: KeyRing) -> None:  # noqa: F811
+    srv = redis_factory("store")
+    config = StoreConfig.standalone(srv.url)
+    claimers = {"standby": lab.call("standby", CheckpointStore.connect, config, keyring),
+                "store3": lab.call("store3", CheckpointStore.connect, config, keyring)}
+    try:
+        for rep in range(100):
+            origin = f"origin-{rep}"
+            store = claimers["standby"]
+            epoch = lab.call("standby", store.lease_acquire, origin, origin, 5000)
+            lab.call("standby", store.lease_release, origin, origin, epoch)
+            barrier = threading.Barrier(2)
+
+            def claim(host: str, origin: str = origin, epoch: int = epoch,
+                      barrier: threading.Barrier = barrier) -> int | Exception:
+                barrier.wait()
+                try:
+                    return claimers[host].claim(origin, host, epoch, ttl_ms=5000)
+                except (ClaimLost, LeaseHeld) as exc:
+                    return exc
+
+            futures = {h: lab.submit(h, claim, h) for h in claimers}
+            results = {h: f.result(timeout=10) for h, f in futures.items()}
+            winners = [h for h, r in results.items() if isinstance(r, int)]
+            assert len(winners) == 1, f"repetition {rep}: {results}"
+            state = lab.call("standby", store.state, origin)
+            assert (state.owner, state.epoch) == (winners[0], epoch + 1)
+    finally:
+        for s in claimers.values():
+            s.close()
+
+
+def test_wait_1_put_from_the_origin_fails_within_the_timeout_when_the_replica_stops(
+        lab: Lab, redis_factory: Callable[..., RedisServer],
+        keyring: KeyRing) -> None:  # noqa: F811
+    primary = redis_factory("store", repl_diskless_sync_delay="0")
+    replica = redis_factory("store2", replicaof=primary)
+    config = StoreConfig.standalone(primary.url, durability=Durability.parse("wait:1:400"))
+
+    def scenario() -> tuple[float, str]:
+        with CheckpointStore.connect(config, keyring) as store:
+            wait_for(lambda: _try_acquire(store), 15, "a durable lease (replica acknowledging)")
+            epoch = store.state(ORIGIN).epoch
+            store.put(cp(1, epoch))
+            replica.stop()
+            started = time.monotonic()
+            try:
+                store.put(cp(2, epoch))
+            except DurabilityError as exc:
+                return time.monotonic() - started, str(exc)
+            return time.monotonic() - started, "put succeeded"
+
+    elapsed, message = lab.call("origin", scenario)
+    assert "needed 1 replica(s) within 400 ms (WAIT), got 0" in message
+    assert elapsed < 0.4 + 2.0, f"put took {elapsed:.2f} s with a 0.4 s timeout"
+
+
+def _try_acquire(store: CheckpointStore) -> bool:
+    try:
+        store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=600_000)
+        return True
+    except DurabilityError:
+        return False
