@@ -36,8 +36,9 @@ def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         controls[host] = str(tmp / f"{host}.sock")
         log = open(tmp / f"{host}.log", "wb")  # noqa: SIM115
         logs.append(log)
+        own = ["--listen", lab.addr(host, 4)]  # a local address the other host does not serve
         procs.append(lab.popen(host, [
-            sys.executable, "-m", "kernel.demo_server",
+            sys.executable, "-m", "kernel.demo_server", *own,
             "--listen", lab.service(4), "--listen", lab.service(6),
             "--port", str(SERVICE_PORT), "--receive-port", str(RECEIVE_PORT),
             "--control", controls[host], "--serve", lab.service(4), "--serve", lab.service(6),
@@ -267,3 +268,42 @@ def test_connections_passed_back_and_forth_faster_than_the_isolation_grace_keep_
     assert all(a > m + 10_000 for a, m in zip(peers.sent, mid, strict=True))
     for s in socks:
         s.close()
+
+
+def test_connections_the_destination_refuses_stay_on_origin_and_keep_flowing(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    served = open_echo(lab, 4, 2)
+    with lab.enter("peer"):
+        own = [socket.create_connection((lab.addr("origin", 4), SERVICE_PORT), timeout=10)]
+    with EchoPeers(served + own) as peers:
+        time.sleep(0.3)
+        report = tcpcp_pass(lab, servers["origin"], "standby", 4)
+        assert report["passed"] == 2
+        assert len(report["refused"]) == 1
+        assert "10.77.2.10 is not an address this host serves" in report["refused"][0][1]
+        assert status(servers["origin"])["conns"] == 1
+        mid = list(peers.sent)
+        back = tcpcp_pass(lab, servers["standby"], "origin", 4)
+        assert back["passed"] == 2
+        time.sleep(0.3)
+        assert peers.finish()
+    assert peers.errors == {}
+    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    for s in served + own:
+        s.close()
+
+
+def test_a_garbled_transfer_is_refused_and_the_receiver_keeps_serving(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    before = status(servers["standby"])
+    with lab.enter("origin"):
+        for junk in (b"\x00\x00\x00\x10" + b"TCPP" + bytes(12),  # right size, bad checksum
+                     b"\x00\x00\x00\x04TCP"):                   # truncated
+            with socket.create_connection((lab.addr("standby", 4), RECEIVE_PORT), timeout=5) as c:
+                c.sendall(junk)
+                c.shutdown(socket.SHUT_WR)
+                assert c.recv(100) == b""  # closed without restoring anything
+    after = status(servers["standby"])
+    assert after["conns"] == before["conns"]
