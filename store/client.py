@@ -507,7 +507,7 @@ class CheckpointStore:
 
     def delete(self, origin: str, epoch: int, conns: Iterable[str]) -> int:
         """Delete closed connections' records (fenced by epoch); returns how many existed."""
-        names = [check_name("connection", c) for c in conns]
+        names = [check_name("connection", c, key_safe=False) for c in conns]
         if not names:
             return 0
         return int(self._fcall("tcpcp_delete", OriginKeys(origin), epoch, *names, durable=True))

@@ -20,17 +20,24 @@ META_PATTERN = PREFIX + ":{*}:meta"
 _FORBIDDEN = set("{}*?[]\\")
 
 
-def check_name(kind: str, name: str, max_bytes: int = 255) -> str:
-    """Return `name` if it can be an origin/holder/connection name, else raise StoreConfigError."""
+def check_name(kind: str, name: str, max_bytes: int = 255, *, key_safe: bool = True) -> str:
+    """Return `name` if it can be a name of this kind, else raise StoreConfigError.
+
+    Every name is 1..max_bytes of UTF-8, printable, without whitespace. Names that go into
+    key names (origins, holders: `key_safe`) must also avoid the hash-tag braces and the
+    glob characters *?[]\\; connection names (hash fields) may hold them, e.g. IPv6 brackets.
+    """
     if not isinstance(name, str):
         raise StoreConfigError(f"{kind} name must be a string, got {type(name).__name__}")
     size = len(name.encode("utf-8", errors="surrogatepass"))
     if not 0 < size <= max_bytes:
         raise StoreConfigError(f"{kind} name must be 1..{max_bytes} bytes, got {size}: {name!r}")
-    bad = sorted({c for c in name if c in _FORBIDDEN or not c.isprintable() or c.isspace()})
+    bad = sorted({c for c in name if (key_safe and c in _FORBIDDEN) or not c.isprintable()
+                  or c.isspace()})
     if bad:
+        rule = " or any of {}*?[]\\" if key_safe else ""
         raise StoreConfigError(
-            f"{kind} name must be printable without spaces or any of {{}}*?[]\\, "
+            f"{kind} name must be printable without spaces{rule}, "
             f"got {name!r} containing {''.join(bad)!r}"
         )
     return name

@@ -77,11 +77,11 @@ class Checkpoint:
                 raise InvalidCheckpoint(
                     f"{name} must be bytes, got {type(getattr(self, name)).__name__}"
                 )
-        for kind in ("origin", "conn"):
-            try:
-                check_name(kind, getattr(self, kind))
-            except StoreConfigError as exc:
-                raise InvalidCheckpoint(str(exc)) from None
+        try:
+            check_name("origin", self.origin)
+            check_name("connection", self.conn, key_safe=False)
+        except StoreConfigError as exc:
+            raise InvalidCheckpoint(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,10 +33,14 @@ NAME = st.text(
     min_size=1, max_size=40)
 
 
+CONN = st.text(alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "S")),
+               min_size=1, max_size=40)
+
+
 @st.composite
 def checkpoints(draw: st.DrawFn) -> Checkpoint:
     return Checkpoint(
-        origin=draw(NAME), conn=draw(NAME), epoch=draw(U64), version=draw(U64),
+        origin=draw(NAME), conn=draw(CONN), epoch=draw(U64), version=draw(U64),
         time_ns=draw(U64), inbound_consumed=draw(U64), outbound_produced=draw(U64),
         ici=draw(st.binary(max_size=200)), app_state=draw(st.binary(max_size=300)),
         send_queue=draw(st.binary(max_size=300)),
@@ -164,6 +168,11 @@ def test_huge_declared_length_is_refused_without_allocating() -> None:
 def test_checkpoint_with_out_of_range_number_is_invalid(field: str, value: object) -> None:
     with pytest.raises(InvalidCheckpoint, match=field):
         sample(**{field: value})
+
+
+def test_ipv6_connection_name_with_brackets_round_trips() -> None:
+    conn = "[fd77:1::2]:40000>[fd77:9::1]:80"
+    assert decode(encode(sample(conn=conn), KEYS), KEYS, conn=conn).conn == conn
 
 
 def test_checkpoint_with_hash_tag_braces_in_origin_is_invalid() -> None:
