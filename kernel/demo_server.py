@@ -101,11 +101,13 @@ class DemoServer:
     """Single-threaded selector loop: service listeners, transfer receiver, control socket."""
 
     def __init__(self, listen: Sequence[str], port: int, receive_port: int, control: str,
-                 policy: RestorePolicy) -> None:
+                 policy: RestorePolicy, isolation: str = "nft") -> None:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.policy = policy
-        self.isolation = passing.Isolation(table=f"tcpcp_demo_{os.getpid()}")
+        self.isolation: passing.FlowIsolation = (
+            passing.GateIsolation("eth0") if isolation == "gate"
+            else passing.Isolation(table=f"tcpcp_demo_{os.getpid()}"))
         self.errors_closed = 0
         self.served = 0
         for addr in listen:
@@ -400,13 +402,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--control", required=True, help="unix socket path for tcpcp pass")
     p.add_argument("--serve", action="append", default=[],
                    help="local address this host may restore connections for (repeatable)")
+    p.add_argument("--isolation", choices=("nft", "gate"), default="nft",
+                   help="how passed flows are isolated: nftables drops, or the ACK gate's "
+                   "freeze plus the ingress quarantine on eth0 (default nft)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     DemoServer(args.listen, args.port, args.receive_port, args.control,
-               RestorePolicy.serving(*args.serve)).serve_forever()
+               RestorePolicy.serving(*args.serve), args.isolation).serve_forever()
     return 0
 
 

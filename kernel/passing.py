@@ -29,6 +29,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -137,7 +138,19 @@ def decode_batch(data: bytes) -> list[Handoff]:
     return out
 
 
-# ------------------------------------------------------------------ isolation (nftables)
+# ------------------------------------------------------------------ isolation
+
+class FlowIsolation(Protocol):
+    """Keeps chosen flows silent in both directions on this host while they are passed."""
+
+    def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = ()) -> None: ...
+
+    def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None: ...
+
+    def generation_of(self, flow: Identity) -> int | None: ...
+
+    def close(self) -> None: ...
+
 
 class Isolation:
     """Drops every packet of chosen flows in this network namespace, in both directions.
@@ -189,7 +202,8 @@ table inet {t} {{
                          f" . {f.peer_ip} . {f.peer_port} }}")
         return "\n".join(lines) + "\n"
 
-    def add(self, flows: Iterable[Identity]) -> None:
+    def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = ()) -> None:
+        """Drop the flows' packets from now on (socks, the flows' sockets, are not needed)."""
         with self._lock:
             new = [f for f in flows if f not in self.flows]
             if not new:
@@ -225,6 +239,65 @@ table inet {t} {{
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GateIsolation:
+    """Isolation through the ACK gate (egress freeze) and the quarantine (ingress drop).
+
+    Each flow is first guarded at its current rcv_nxt (read in repair mode: nothing the
+    kernel has not acknowledged yet gets acknowledged), then frozen: every egress segment is
+    dropped at tc egress. Its ingress segments are dropped (and recorded) at tc ingress. Both
+    programs stay attached to `ifname` while this object is open.
+    """
+
+    def __init__(self, ifname: str = "eth0") -> None:
+        from kernel.gate import AckGate
+        from kernel.quarantine import Quarantine
+
+        self._stack = contextlib.ExitStack()
+        self.gate = self._stack.enter_context(AckGate(ifname))
+        self.quarantine = self._stack.enter_context(Quarantine(ifname))
+        self.flows: dict[Identity, int] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _flow(f: Identity) -> Any:
+        from kernel.bpf.layout import Flow
+
+        return Flow(f.local_ip, f.local_port, f.peer_ip, f.peer_port)
+
+    def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = ()) -> None:
+        if len(socks) != len(flows):
+            raise PassingError("the gate isolates sockets: pass each flow's socket")
+        with self._lock:
+            self._generation += 1
+            for f, sock in zip(flows, socks, strict=True):
+                if f in self.flows:
+                    continue
+                rcv_nxt, wscale = repair.rcv_nxt_and_wscale(sock)
+                flow = self._flow(f)
+                self.gate.guard(flow, rcv_nxt, wscale)
+                self.gate.freeze(flow)
+                self.quarantine.observe(flow)
+                self.flows[f] = self._generation
+
+    def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None:
+        with self._lock:
+            for f in list(flows):
+                if f in self.flows and (generation is None or self.flows[f] == generation):
+                    flow = self._flow(f)
+                    self.quarantine.release(flow)
+                    self.gate.forget(flow)
+                    del self.flows[f]
+
+    def generation_of(self, flow: Identity) -> int | None:
+        return self.flows.get(flow)
+
+    def close(self) -> None:
+        with self._lock:
+            self.flows.clear()
+            self._stack.close()
 
 
 def flow_of(sock: socket.socket) -> Identity:
@@ -269,7 +342,7 @@ class PassResult:
 def pass_out(
     conns: Sequence[tuple[socket.socket, bytes]],
     destination: tuple[str, int],
-    isolation: Isolation,
+    isolation: FlowIsolation,
     switch: Callable[[], None],
     *,
     grace_s: float = 1.0,
@@ -285,7 +358,7 @@ def pass_out(
     """
     t0 = time.perf_counter()
     flows = [flow_of(s) for s, _ in conns]
-    isolation.add(flows)                                               # steps 1-2
+    isolation.add(flows, [s for s, _ in conns])                        # steps 1-2
     activating = False
     try:
         t_iso = time.perf_counter()
@@ -337,7 +410,7 @@ def pass_out(
 
 
 def _resume(socks: Sequence[socket.socket], flows: Sequence[Identity],
-            isolation: Isolation) -> None:
+            isolation: FlowIsolation) -> None:
     """Take connections back: repair off (a window probe wakes the peer), isolation lifted."""
     for s in socks:
         with contextlib.suppress(OSError):
@@ -345,7 +418,7 @@ def _resume(socks: Sequence[socket.socket], flows: Sequence[Identity],
     isolation.remove(flows)
 
 
-def _lift_later(isolation: Isolation, flows: list[Identity], generation: int | None,
+def _lift_later(isolation: FlowIsolation, flows: list[Identity], generation: int | None,
                 grace_s: float) -> None:
     """Lift the isolation later, unless the flows were isolated again meanwhile."""
     def lift() -> None:
@@ -363,7 +436,7 @@ def receive(
     ctl: socket.socket,
     policy: RestorePolicy,
     *,
-    isolation: Isolation | None = None,
+    isolation: FlowIsolation | None = None,
     ts_margin_ms: int = repair.DEFAULT_TS_MARGIN_MS,
 ) -> list[tuple[socket.socket, bytes]]:
     """Destination side of one pass on an accepted transfer connection.

@@ -248,6 +248,23 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
                 raise _failure("TCP_REPAIR off", identity, exc) from exc
 
 
+def rcv_nxt_and_wscale(sock: socket.socket) -> tuple[int, int]:
+    """The socket's rcv_nxt (a brief visit to repair mode, off again without a window probe)
+    and its receive window scale; for guarding a live flow at what it has acknowledged."""
+    try:
+        info = _struct(_INFO_P, sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+        try:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
+            rcv_nxt = sock.getsockopt(SOL_TCP, TCP_QUEUE_SEQ) & U32
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, NO_QUEUE)
+        finally:
+            sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF_NO_WP)
+    except OSError as exc:
+        raise _failure("read rcv_nxt", _conn(sock), exc) from exc
+    return rcv_nxt, int(info.tcpi_wscales) >> 4
+
+
 def dump_many(socks: Iterable[socket.socket], *, stay_in_repair: bool = False) -> list[Ici]:
     """dump() each socket in turn."""
     return [dump(s, stay_in_repair=stay_in_repair) for s in socks]

@@ -12,7 +12,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,10 @@ pytestmark = pytest.mark.lab
 SERVICE_PORT, RECEIVE_PORT = 8080, 7070
 
 
-@pytest.fixture(scope="module")
-def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A demo server on origin and on standby; returns their control socket paths."""
+def start_servers(lab: Lab, tmp: Path, port: int, receive_port: int,
+                  isolation: str) -> Generator[dict[str, str], None, None]:
+    """A demo server on origin and on standby; yields their control socket paths."""
     raise_fd_limit()
-    tmp = tmp_path_factory.mktemp("demo")
     controls, procs, logs = {}, [], []
     for host in ("origin", "standby"):
         controls[host] = str(tmp / f"{host}.sock")
@@ -40,12 +39,13 @@ def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         procs.append(lab.popen(host, [
             sys.executable, "-m", "kernel.demo_server", *own,
             "--listen", lab.service(4), "--listen", lab.service(6),
-            "--port", str(SERVICE_PORT), "--receive-port", str(RECEIVE_PORT),
+            "--port", str(port), "--receive-port", str(receive_port), "--isolation", isolation,
             "--control", controls[host], "--serve", lab.service(4), "--serve", lab.service(6),
         ], stdout=log, stderr=log, env={**os.environ, "TCPCP_LOG_FORMAT": "json"}))
     deadline = time.monotonic() + 10
     while not all(os.path.exists(c) for c in controls.values()):
         assert time.monotonic() < deadline, "demo servers did not come up"
+        assert all(p.poll() is None for p in procs), "a demo server exited at start"
         time.sleep(0.05)
     try:
         yield controls
@@ -57,6 +57,13 @@ def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
             f.close()
 
 
+@pytest.fixture(scope="module")
+def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Demo servers isolating passed flows with nftables."""
+    yield from start_servers(lab, tmp_path_factory.mktemp("demo"), SERVICE_PORT, RECEIVE_PORT,
+                             "nft")
+
+
 def status(control: str) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(control)
@@ -64,11 +71,12 @@ def status(control: str) -> dict[str, Any]:
         return dict(json.loads(s.makefile("rb").readline()))
 
 
-def tcpcp_pass(lab: Lab, control: str, to_host: str, family: int) -> dict[str, Any]:
+def tcpcp_pass(lab: Lab, control: str, to_host: str, family: int,
+               receive_port: int = RECEIVE_PORT) -> dict[str, Any]:
     """What `tcpcp pass --lab ... --switch-to HOST` does, with the switch made by this process
     (the lab's owner)."""
     addr = lab.addr(to_host, family)
-    to = f"[{addr}]:{RECEIVE_PORT}" if family == 6 else f"{addr}:{RECEIVE_PORT}"
+    to = f"[{addr}]:{receive_port}" if family == 6 else f"{addr}:{receive_port}"
     report = pass_connections(control, to, lambda: lab.switch_route(to_host))
     assert report["event"] == "passed", report
     return report
@@ -103,10 +111,10 @@ def count_resets(pcap: bytes) -> tuple[int, int]:
 class Capture:
     """tcpdump of the service port in the peer's namespace."""
 
-    def __init__(self, lab: Lab, path: Path) -> None:
+    def __init__(self, lab: Lab, path: Path, port: int = SERVICE_PORT) -> None:
         self.path = path
         self.proc = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "-s", "128",
-                                       "-w", str(path), f"tcp port {SERVICE_PORT}"],
+                                       "-w", str(path), f"tcp port {port}"],
                               stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         self.proc.stderr.readline()  # "listening on eth0 ..."
@@ -118,9 +126,9 @@ class Capture:
         return count_resets(self.path.read_bytes())
 
 
-def open_echo(lab: Lab, family: int, n: int) -> list[socket.socket]:
+def open_echo(lab: Lab, family: int, n: int, port: int = SERVICE_PORT) -> list[socket.socket]:
     with lab.enter("peer"):
-        return [socket.create_connection((lab.service(family), SERVICE_PORT), timeout=10)
+        return [socket.create_connection((lab.service(family), port), timeout=10)
                 for _ in range(n)]
 
 
@@ -307,3 +315,35 @@ def test_a_garbled_transfer_is_refused_and_the_receiver_keeps_serving(
                 assert c.recv(100) == b""  # closed without restoring anything
     after = status(servers["standby"])
     assert after["conns"] == before["conns"]
+
+
+def test_passing_isolated_by_the_ack_gate_freeze_and_quarantine_keeps_every_byte(
+    lab: Lab, tmp_path: Path,
+) -> None:
+    port, receive_port = SERVICE_PORT + 1, RECEIVE_PORT + 1
+    gen = start_servers(lab, tmp_path, port, receive_port, "gate")
+    controls = next(gen)
+    cap = Capture(lab, tmp_path / "peer.pcap", port)
+    try:
+        socks = open_echo(lab, 4, 3, port)
+        with EchoPeers(socks) as peers:
+            for src, dst in (("origin", "standby"), ("standby", "origin")):
+                time.sleep(0.4)
+                assert tcpcp_pass(lab, controls[src], dst, 4, receive_port)["passed"] == 3
+            mid = list(peers.sent)
+            time.sleep(0.4)
+            assert peers.finish()
+        assert peers.errors == {}
+        assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+        assert status(controls["origin"])["errors"] == 0
+        for s in socks:
+            s.close()
+    finally:
+        _, resets = cap.stop()
+        gen.close()
+    assert resets == 0
+    for host in ("origin", "standby"):  # the gate, not nftables, held the flows
+        events = [json.loads(line)["event"] for line in
+                  (tmp_path / f"{host}.log").read_text().splitlines() if line.startswith("{")]
+        assert events.count("flow_frozen") == 3, host
+        assert events.count("quarantined") == 3, host
