@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,9 +36,10 @@ log = structlog.get_logger()
 
 GATE_PRIORITY = 0xAC00
 MAX_WSCALE = 14
-_TFO_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
+_TFO_SYSCTL = "net/ipv4/tcp_fastopen"
 # TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
 _TFO_SERVER_BITS = 0x2 | 0x200 | 0x400
+_SACK_SYSCTL = "net/ipv4/tcp_sack"
 
 
 class GateError(KernelError):
@@ -61,6 +63,7 @@ class GateState:
     windows_capped: int
     frozen_dropped: int
     tsvals_raised: int
+    dupacks_dropped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ class GateCounters:
     windows_capped: int
     frozen_dropped: int
     tsvals_raised: int
+    dupacks_dropped: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +101,7 @@ class AckGate:
         self._obj: BpfObject | None = None
         self._hook: TcHook | None = None
         self._sender: RawSender | None = None
-        self._tfo_saved: str | None = None
+        self._sysctl_saved: dict[str, str] = {}
         self.log = log.bind(ifname=ifname, netns=netns)
 
     # ------------------------------------------------------------------ lifecycle
@@ -131,12 +135,12 @@ class AckGate:
         if self._obj is not None:
             self._obj.close()
             self._obj = None
-        if self._tfo_saved is not None:
+        for key, value in self._sysctl_saved.items():
             try:
-                self._write_tfo(self._tfo_saved)
+                self._write_sysctl(key, value)
             except (OSError, KernelError) as exc:  # the namespace may be gone already
-                self.log.info("tfo_restore_skipped", reason=str(exc))
-            self._tfo_saved = None
+                self.log.info("sysctl_restore_skipped", key=key, reason=str(exc))
+        self._sysctl_saved.clear()
 
     def _live(self) -> BpfObject:
         if self._obj is None:
@@ -158,11 +162,14 @@ class AckGate:
     def guard_listen(self, port: int) -> None:
         """Gate every connection accepted on local port from its SYN-ACK on.
 
-        TCP Fast Open's server side is switched off in the namespace (restored on detach), since
-        a SYN-ACK acknowledges the data of a Fast Open SYN before any commit."""
+        Two settings of the namespace change until detach: TCP Fast Open's server side goes off
+        (a SYN-ACK would acknowledge the data of a Fast Open SYN before any commit), and so does
+        SACK (the gate strips SACK blocks, and a peer that negotiated SACK but never sees a block
+        detects no loss before its retransmission timer: 200 ms stalls were measured)."""
         self._live()
         self._ports.update(struct.pack("=I", port), struct.pack("=I", 1))
-        self._disable_tfo_server()
+        self._override_sysctl(_TFO_SYSCTL, lambda v: v & ~_TFO_SERVER_BITS)
+        self._override_sysctl(_SACK_SYSCTL, lambda v: 0)
         self.log.info("port_guarded", port=port)
 
     def unguard_listen(self, port: int) -> None:
@@ -242,15 +249,16 @@ class AckGate:
         return GateState(s.snd_nxt, s.kernel_ack, s.rcv_edge, s.ack_sent,
                          s.tsval if s.has_ts else None, s.tsecr, s.rcv_wscale, s.packets,
                          s.acks_clamped, s.sack_stripped, s.windows_capped, s.frozen_dropped,
-                         s.tsvals_raised)
+                         s.tsvals_raised, s.dupacks_dropped)
 
     def counters(self, flow: Flow) -> GateCounters:
-        """How many segments of flow the gate saw, clamped, capped, stripped, dropped, raised."""
+        """How many segments of flow the gate saw, clamped, stripped, capped, dropped (frozen),
+        raised (TSval) and dropped as duplicate clamped ACKs."""
         st = self.state(flow)
         if st is None:
-            return GateCounters(0, 0, 0, 0, 0, 0)
+            return GateCounters(0, 0, 0, 0, 0, 0, 0)
         return GateCounters(st.packets, st.acks_clamped, st.sack_stripped, st.windows_capped,
-                            st.frozen_dropped, st.tsvals_raised)
+                            st.frozen_dropped, st.tsvals_raised, st.dupacks_dropped)
 
     # ------------------------------------------------------------------ internals
     def _flows_map(self) -> BpfMap:
@@ -275,17 +283,20 @@ class AckGate:
                            rcv_wscale=cfg.rcv_wscale, flags=flags)
         self._flows_map().update(flow_key(flow), layout.to_bytes(value))
 
-    def _disable_tfo_server(self) -> None:
-        if self._tfo_saved is not None:
+    def _override_sysctl(self, key: str, change: Callable[[int], int]) -> None:
+        if key in self._sysctl_saved:
             return
-        with entered_netns(self.netns):
-            current = Path(_TFO_SYSCTL).read_text().strip()
-        value = int(current)
-        if value & _TFO_SERVER_BITS:
-            self._tfo_saved = current
-            self._write_tfo(str(value & ~_TFO_SERVER_BITS))
-            self.log.info("tfo_server_disabled", was=value)
+        current = self._read_sysctl(key)
+        wanted = change(int(current))
+        if wanted != int(current):
+            self._sysctl_saved[key] = current
+            self._write_sysctl(key, str(wanted))
+            self.log.info("sysctl_overridden", key=key, was=current, now=wanted)
 
-    def _write_tfo(self, value: str) -> None:
+    def _read_sysctl(self, key: str) -> str:
         with entered_netns(self.netns):
-            Path(_TFO_SYSCTL).write_text(value)
+            return Path("/proc/sys", key).read_text().strip()
+
+    def _write_sysctl(self, key: str, value: str) -> None:
+        with entered_netns(self.netns):
+            Path("/proc/sys", key).write_text(value)

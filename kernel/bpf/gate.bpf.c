@@ -9,6 +9,7 @@
  *     behind the kernel's edge for this segment nor behind an edge already sent (rounded up,
  *     capped at 65535, caps counted);
  *   - SACK and D-SACK blocks become NOPs;
+ *   - a clamped pure ACK repeating the ack and right edge already sent is dropped;
  *   - TSval never goes below one already sent for the flow (forced ACKs and the kernel's own
  *     ACKs may leave from different CPUs);
  *   - the TCP checksum is corrected with bpf_l4_csum_replace, which updates a full checksum and
@@ -132,6 +133,8 @@ int gate_egress(struct __sk_buff *skb)
 	__u32 end_seq = p.seq + p.payload_len + !!(p.flags & TCPF_SYN) + !!(p.flags & TCPF_FIN);
 	__u32 edge_in = p.ack + (p.window << shift);
 	__u32 scaled_ack = (p.flags & TCPF_ACK) && !(p.flags & TCPF_SYN);
+	__u32 old_edge = 0, old_ack = 0;
+	int fresh = 0, dup;
 
 	if (!st) {
 		struct gate_state ns = {};
@@ -146,6 +149,11 @@ int gate_egress(struct __sk_buff *skb)
 		ns.rcv_wscale = ws;
 		bpf_map_update_elem(&gate_states, &key, &ns, BPF_NOEXIST);
 		st = bpf_map_lookup_elem(&gate_states, &key);
+		fresh = 1;
+	}
+	if (st) {
+		old_edge = *(volatile __u32 *)&st->rcv_edge;
+		old_ack = *(volatile __u32 *)&st->ack_sent;
 	}
 
 	if (p.flags & TCPF_ACK) {
@@ -167,6 +175,13 @@ int gate_egress(struct __sk_buff *skb)
 		if (st && scaled_ack)
 			seq_max(&st->rcv_edge, ack_out + (win_out << shift));
 	}
+
+	/* A clamped pure ACK that repeats the ack and right edge already on the wire tells the peer
+	 * nothing but "duplicate": it would count it towards fast retransmit and raise its
+	 * reordering estimate, until real losses wait for its retransmission timer. Drop it. */
+	dup = st && !fresh && clamped && !(p.flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)) &&
+	      p.payload_len == 0 && ack_out == old_ack &&
+	      (__u32)(ack_out + (win_out << shift)) == old_edge;
 
 	if (st) {
 		seq_max(&st->snd_nxt, end_seq);
@@ -193,7 +208,11 @@ int gate_egress(struct __sk_buff *skb)
 			__sync_fetch_and_add(&st->sack_stripped, 1);
 		if (raised)
 			__sync_fetch_and_add(&st->tsvals_raised, 1);
+		if (dup)
+			__sync_fetch_and_add(&st->dupacks_dropped, 1);
 	}
+	if (dup)
+		return TC_ACT_SHOT;
 
 	int moved = ack_out != p.ack || win_out != p.window;
 

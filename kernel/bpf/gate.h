@@ -46,6 +46,7 @@ struct gate_state {
 	__u64 windows_capped;
 	__u64 frozen_dropped;
 	__u64 tsvals_raised;
+	__u64 dupacks_dropped;
 };
 
 /* Map guarded_ports: key = local port (host byte order); a SYN-ACK leaving such a port creates

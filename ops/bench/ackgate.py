@@ -74,7 +74,12 @@ s.recv(1)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=50_000_000, help="upload size in bytes")
-    parser.add_argument("--runs", type=int, default=5, help="uploads per variant (median)")
+    parser.add_argument("--runs", type=int, default=9, help="uploads per variant (median)")
+    parser.add_argument("--interval-ms", type=float, default=None,
+                        help="commit timer of the gated upload's policy (default: the default "
+                        "policy's)")
+    parser.add_argument("--every-bytes", type=int, default=None,
+                        help="also commit every this many bytes (default: no byte threshold)")
     parser.add_argument("--messages", type=int, default=1000,
                         help="commits measured for the latency figures")
     parser.add_argument("--output", type=Path, default=Path("bench/ackgate.json"))
@@ -138,10 +143,11 @@ def _receive(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
     return state.consumed, seconds, len(commits), commits
 
 
-def _upload(lab: Lab, port: int, size: int, gate: AckGate | None) -> tuple[float, int]:
+def _upload(lab: Lab, port: int, size: int, gate: AckGate | None, policy: CommitPolicy
+            ) -> tuple[float, int]:
     srv = lab.call("origin", _listener, port)
     try:
-        fut = lab.submit("origin", _receive, srv, gate, CommitPolicy())
+        fut = lab.submit("origin", _receive, srv, gate, policy)
         lab.run("peer", [sys.executable, "-c", _UPLOAD, lab.service(4), str(port), str(size)],
                 check=True, timeout=180)
         nbytes, seconds, commits, _ = fut.result(timeout=180)
@@ -210,13 +216,17 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    default = CommitPolicy()
+    policy = CommitPolicy(
+        interval_s=default.interval_s if args.interval_ms is None else args.interval_ms / 1000,
+        every_bytes=args.every_bytes)
     with Lab(stores=1) as lab, AckGate("eth0", netns=lab.netns("origin")) as gate:
         gate.guard_listen(5601)
         gate.guard_listen(5602)
         ungated, gated, commits = [], [], []
         for i in range(args.runs):
-            ungated.append(_upload(lab, 5600, args.size, None)[0])
-            mb_s, n = _upload(lab, 5601, args.size, gate)
+            ungated.append(_upload(lab, 5600, args.size, None, policy)[0])
+            mb_s, n = _upload(lab, 5601, args.size, gate, policy)
             gated.append(mb_s)
             commits.append(n)
             log.info("upload_pair", run=i, ungated_mb_s=round(ungated[-1]),
@@ -235,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         "commit_to_ack_us_p99": round(_pct(samples, 99), 1),
         "latency_samples": len(samples),
         "upload_bytes": args.size,
+        "policy_interval_ms": None if policy.interval_s is None else policy.interval_s * 1000,
+        "policy_every_bytes": policy.every_bytes,
     }
     for key, value in results.items():
         print(f"{key:24} {value}")

@@ -156,6 +156,7 @@ class FlowState:
     windows_capped: int = 0
     frozen_dropped: int = 0
     tsvals_raised: int = 0
+    dupacks_dropped: int = 0
 
 
 FlowId = tuple[str, int, str, int]
@@ -195,11 +196,13 @@ class GateModel:
         tsecr_in = int.from_bytes(s.options[ts + 6:ts + 10], "big") if ts is not None else 0
         end_seq = (s.seq + len(s.payload) + bool(s.flags & SYN) + bool(s.flags & FIN)) & MASK
         edge = (s.ack + (s.window << shift)) & MASK
+        fresh = st is None
         if st is None:
             st = FlowState(end_seq, s.ack, edge,
                            cfg.committed if after(s.ack, cfg.committed) else s.ack,
                            tsval_in, tsecr_in, int(ts is not None), ws)
             self.states[fid] = st
+        old_edge, old_ack = st.rcv_edge, st.ack_sent
         ack_out, win_out, clamped, capped = s.ack, s.window, False, False
         scaled_ack = bool(s.flags & ACK) and not s.flags & SYN
         if s.flags & ACK:
@@ -215,6 +218,9 @@ class GateModel:
             win_out = min(need, 0xFFFF)
             if scaled_ack:
                 st.rcv_edge = seq_max(st.rcv_edge, (ack_out + (win_out << shift)) & MASK)
+        # a clamped pure ACK repeating what the wire already carries is dropped
+        dup = (not fresh and clamped and not s.flags & (SYN | FIN | RST) and not s.payload
+               and ack_out == old_ack and (ack_out + (win_out << shift)) & MASK == old_edge)
         st.snd_nxt = seq_max(st.snd_nxt, end_seq)
         if s.flags & ACK:
             st.kernel_ack = seq_max(st.kernel_ack, s.ack)
@@ -233,6 +239,9 @@ class GateModel:
         st.windows_capped += capped
         st.sack_stripped += sack
         st.tsvals_raised += raised
+        st.dupacks_dropped += dup
+        if dup:
+            return TC_ACT_SHOT, s
         new_opts = bytearray(s.options)
         for o, k, n in opts:
             if k == 5:
