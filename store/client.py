@@ -283,8 +283,8 @@ class CheckpointStore:
         self.keys = keys
         self.limits = config.limits
         self._router = router
-        self._log = log.bind(store=config.topology.value,
-                             where=config.url or f"{config.service}@{config.sentinels}")
+        self._where = config.url or f"{config.service} via Sentinels {config.sentinels}"
+        self._log = log.bind(store=config.topology.value, where=self._where)
 
     @classmethod
     def connect(cls, config: StoreConfig, keys: KeyRing) -> CheckpointStore:
@@ -345,7 +345,7 @@ class CheckpointStore:
                     raise
                 raise DurabilityUnsupported(
                     f"durability {d} needs the WAITAOF command (Redis >= 7.2); the server at "
-                    f"{self._log._context.get('where')} is Redis {self._server_version(client)}, "
+                    f"{self._where} is Redis {self._server_version(client)}, "
                     "which lacks it: use none or wait:N"
                 ) from None
 
@@ -582,12 +582,16 @@ class CheckpointStore:
         """Every stored record of the origin, each verified or refused with its reason."""
         keys = OriginKeys(origin)
         cursor: int = 0
+        seen: set[bytes] = set()  # HSCAN may return a field twice while the hash rehashes
         while True:
             def step(cur: int = cursor) -> tuple[int, dict[bytes, bytes]]:
                 reply: Any = self._router.for_keys(keys).hscan(keys.records, cur, count=count)
                 return int(reply[0]), reply[1]
             cursor, page = self._call(f"read records of origin {origin!r}", step)
             for raw_conn, raw in sorted(page.items()):
+                if raw_conn in seen:
+                    continue
+                seen.add(raw_conn)
                 conn = raw_conn.decode("utf-8", errors="replace")
                 try:
                     header = read_header(raw, self.limits)
