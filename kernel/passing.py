@@ -202,6 +202,12 @@ table inet {t} {{
                          f" . {f.peer_ip} . {f.peer_port} }}")
         return "\n".join(lines) + "\n"
 
+    def prepare(self) -> None:
+        """Create the table and its rules now, so that add() only inserts set elements."""
+        with self._lock:
+            if not self._up:
+                self._setup()
+
     def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = ()) -> None:
         """Drop the flows' packets from now on (socks, the flows' sockets, are not needed)."""
         with self._lock:

@@ -5,8 +5,9 @@ For 1, 100, 1,000 and 10,000 idle connections peer -> service (origin) in the la
 activate all; each phase timed and divided by the count. Then, over 5 runs of one connection
 holding unsent bytes, the time from isolating it on origin to the peer receiving its first byte
 from standby (dump, discard, restore, route switch and activation included), and from activation
-alone. Writes bench/passing.json: per_conn_us (keyed by count: dump + restore + activate),
-phases_us, first_byte_ms, activation_to_first_byte_ms.
+alone; isolated by the ACK gate's freeze + quarantine (first_byte_ms) and by nftables.
+Writes bench/passing.json: per_conn_us (keyed by count: dump + restore + activate), phases_us,
+first_byte_ms, first_byte_ms_by_isolation, first_byte_phases_ms, activation_to_first_byte_ms.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import structlog
 
 from kernel import repair
 from kernel.demo_server import raise_fd_limit
-from kernel.passing import Isolation, flow_of
+from kernel.passing import FlowIsolation, GateIsolation, Isolation, flow_of
 from kernel.sanity import RestorePolicy
 from ops.lab import Lab
 
@@ -129,8 +130,17 @@ def _bulk(lab: Lab, n: int, port: int) -> dict[str, float]:
     return {k: v * 1e6 / n for k, v in per.items()}
 
 
-def _first_byte(lab: Lab, port: int) -> tuple[float, float]:
-    """(isolation -> first byte at the peer, activation -> first byte) in ms."""
+def _isolation(kind: str) -> FlowIsolation:
+    """An isolation ready to use (tables made, programs attached) in the current namespace."""
+    if kind == "gate":
+        return GateIsolation("eth0")
+    iso = Isolation(table="tcpcp_bench_fb")
+    iso.prepare()
+    return iso
+
+
+def _first_byte(lab: Lab, port: int, kind: str) -> dict[str, float]:
+    """Milliseconds from isolation to the peer's first byte from the destination, by phase."""
     with lab.enter("origin"):
         ls = socket.socket()
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -151,16 +161,19 @@ def _first_byte(lab: Lab, port: int) -> tuple[float, float]:
     reader = threading.Thread(target=read)
     reader.start()
     with lab.enter("origin"):
-        isolation = Isolation(table="tcpcp_bench_fb")
+        isolation = _isolation(kind)
     try:
         t0 = time.perf_counter()
-        with lab.enter("origin"):
-            isolation.add([flow_of(origin)])
+        with lab.enter("origin"):  # nft runs as a child process in the caller's namespace
+            isolation.add([flow_of(origin)], [origin])
+        t_iso = time.perf_counter()
         origin.sendall(b"x" * 100)  # held back by the isolation: unsent at the dump
         ici = repair.dump(origin, stay_in_repair=True)
         origin.close()
+        t_dump = time.perf_counter()
         with lab.enter("standby"):
             restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        t_restore = time.perf_counter()
         lab.switch_route("standby")
         t_act = time.perf_counter()
         sock = repair.activate(restored)
@@ -173,7 +186,9 @@ def _first_byte(lab: Lab, port: int) -> tuple[float, float]:
     sock.close()
     peer.close()
     lab.switch_route("origin")
-    return (got["t"] - t0) * 1e3, (got["t"] - t_act) * 1e3
+    return {"total": (got["t"] - t0) * 1e3, "isolate": (t_iso - t0) * 1e3,
+            "dump": (t_dump - t_iso) * 1e3, "restore": (t_restore - t_dump) * 1e3,
+            "switch_route": (t_act - t_restore) * 1e3, "activate_to_byte": (got["t"] - t_act) * 1e3}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,12 +205,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"{n:>6} conns: dump {phases['dump']:.1f} + restore {phases['restore']:.1f} "
                   f"+ activate {phases['activate']:.1f} = {total:.1f} us/conn "
                   f"(discard {phases['discard']:.1f}, switch {phases['switch']:.1f})")
-        firsts = [_first_byte(lab, BASE_PORT + 100 + r) for r in range(args.first_byte_runs)]
-    results["first_byte_ms"] = round(statistics.median(f for f, _ in firsts), 2)
-    results["activation_to_first_byte_ms"] = round(statistics.median(a for _, a in firsts), 3)
-    results["first_byte_runs_ms"] = [round(f, 2) for f, _ in firsts]
-    print(f"isolation -> first byte from destination: {results['first_byte_ms']} ms median "
-          f"(activation -> first byte {results['activation_to_first_byte_ms']} ms)")
+        firsts = {kind: [_first_byte(lab, BASE_PORT + 100 + 10 * k + r, kind)
+                         for r in range(args.first_byte_runs)]
+                  for k, kind in enumerate(("gate", "nft"))}
+    fb_phases = {kind: {p: round(statistics.median(run[p] for run in runs), 3) for p in runs[0]}
+              for kind, runs in firsts.items()}
+    results["first_byte_ms"] = round(fb_phases["gate"]["total"], 2)
+    results["first_byte_ms_by_isolation"] = {k: round(v["total"], 2) for k, v in fb_phases.items()}
+    results["first_byte_phases_ms"] = fb_phases
+    results["activation_to_first_byte_ms"] = fb_phases["gate"]["activate_to_byte"]
+    for kind, ph in fb_phases.items():
+        print(f"isolation ({kind}) -> first byte from destination: {ph['total']:.2f} ms median "
+              f"(isolate {ph['isolate']:.2f}, dump {ph['dump']:.2f}, restore {ph['restore']:.2f},"
+              f" route switch {ph['switch_route']:.2f}, activation -> byte "
+              f"{ph['activate_to_byte']:.3f})")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"wrote {args.output}")
