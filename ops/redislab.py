@@ -162,7 +162,7 @@ class RedisServer(_Process):
     def _conf(self) -> dict[str, str]:
         conf = super()._conf()
         conf.update({"save": '""', "appendonly": "no", "dbfilename": "dump.rdb",
-                     "appenddirname": "aof"})
+                     "appenddirname": "aof", "repl-diskless-sync-delay": "0"})
         if self.replicaof is not None:
             conf["replicaof"] = f"{self.replicaof.addr} {self.replicaof.port}"
         conf.update(self.extra)
@@ -177,12 +177,19 @@ class RedisServer(_Process):
         return self
 
     def _in_sync(self) -> bool:
+        """The link is up and the primary counts this replica's acknowledgements (WAIT)."""
         c = self.client()
         try:
-            info = c.info("replication")
-            return info.get("master_link_status") == "up"
+            if c.info("replication").get("master_link_status") != "up":
+                return False
         finally:
             c.close()
+        assert self.replicaof is not None
+        p = self.replicaof.client()
+        try:
+            return int(p.execute_command("WAIT", 1, 100)) >= 1
+        finally:
+            p.close()
 
     def restart(self, timeout: float = 10.0) -> RedisServer:
         """Start again after kill/stop with the same directory and configuration."""
