@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from kernel import passing
+from kernel import passing, repair
 from kernel.errors import KernelError
 from kernel.sanity import RestorePolicy
 
@@ -125,10 +125,10 @@ class DemoServer:
         af = socket.AF_INET6 if ":" in addr else socket.AF_INET
         ls = socket.socket(af, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if af == socket.AF_INET:
-            ls.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND: address may come later
+        if af == socket.AF_INET:  # the service address may come with a switch, later
+            ls.setsockopt(socket.IPPROTO_IP, repair.IP_FREEBIND, 1)
         else:
-            ls.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+            ls.setsockopt(socket.IPPROTO_IPV6, repair.IPV6_FREEBIND, 1)
         ls.bind((addr, port))
         ls.listen(4096)
         ls.setblocking(False)

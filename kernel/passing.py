@@ -1,7 +1,7 @@
 """Planned connection passing, the paper's ten steps, between two live hosts.
 
     origin                                   destination
-    1-2 isolate (nftables drop, app stops)
+    1-2 isolate (app stops; Isolation: nftables, or GateIsolation: ACK-gate freeze + quarantine)
     3   dump (sockets stay in repair mode)
     4   the receive queue travels in the ICI
     5   send ICIs + app states  ─────────►   6-7 restore (silent, repair mode) ─┐
@@ -12,8 +12,10 @@
         discard (silent close); isolation lifted after a grace period
 
 Connections the destination refuses are resumed on the origin (repair off, isolation lifted),
-so nothing is passed half-way. The wire format of the transfer is pure (encode_batch /
-decode_batch); the sockets and nftables calls are the thin shell around it.
+so nothing is passed half-way; a pass that fails before activation resumes everything on the
+origin, one that fails during activation leaves the origin's copies isolated (never two live
+endpoints). The wire format of the transfer is pure (encode_batch / decode_batch); the sockets,
+nftables and BPF calls are the thin shell around it.
 """
 
 from __future__ import annotations
@@ -157,8 +159,9 @@ class Isolation:
 
     nftables sets of (local addr, local port, peer addr, peer port), matched at output and at
     prerouting, so nothing of an isolated connection leaves the host or reaches its socket.
-    Used until the ACK gate's freeze mode is available. Must be used from the namespace it
-    guards (subprocesses inherit the calling thread's namespace).
+    Needs no BPF (GateIsolation is the design's mechanism). Must be used from a process living
+    in the namespace it guards: nft runs as a child, in the calling thread's namespace, and the
+    grace-period timer calls it from another thread.
     """
 
     def __init__(self, table: str = "tcpcp_isolate") -> None:

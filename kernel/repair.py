@@ -8,9 +8,10 @@ Usage, in the orders measured on this kernel (DESIGN.md section 3):
     ...switch traffic...
     sock = activate(r)          # repair off (window probe wakes the peer), unsent bytes sent
 
-dump:     TCP_REPAIR=1; SIOCINQ/SIOCOUTQ/SIOCOUTQNSD; QUEUE=send: TCP_QUEUE_SEQ (write_seq),
-          recv(MSG_PEEK) (send queue); QUEUE=recv: TCP_QUEUE_SEQ (rcv_nxt), recv(MSG_PEEK);
-          QUEUE=none; TCP_TIMESTAMP; TCP_MAXSEG (mss clamp); TCP_REPAIR_WINDOW; TCP_INFO;
+dump:     TCP_INFO (state, options, window scales) and the kept socket options, without repair
+          mode; TCP_REPAIR=1; SIOCINQ/SIOCOUTQ/SIOCOUTQNSD; QUEUE=send: TCP_QUEUE_SEQ
+          (write_seq), recv(MSG_PEEK) (send queue); QUEUE=recv: TCP_QUEUE_SEQ (rcv_nxt),
+          recv(MSG_PEEK); QUEUE=none; TCP_TIMESTAMP; TCP_MAXSEG (mss clamp); TCP_REPAIR_WINDOW;
           TCP_REPAIR=-1 (off, no window probe) unless the caller keeps it in repair mode.
 restore:  sanity check; socket; SO_REUSEADDR; TCP_REPAIR=1 (forces port reuse);
           IP_TRANSPARENT; buffers; TCP_QUEUE_SEQ of both queues; TCP_MAXSEG (before connect);
@@ -22,6 +23,13 @@ activate: TCP_REPAIR=0 (window probe) or -1; the unsent bytes written by ordinar
 
 A failed restore closes its socket while still in repair mode, which sends nothing: a rejected
 or broken ICI leaves no socket and no packet behind.
+
+Found while writing this, beyond DESIGN.md: SO_REUSEADDR after TCP_REPAIR=1 undoes the forced
+port reuse repair mode grants (EADDRINUSE next to the listener); TCP_MAXSEG refuses more than
+32767 (loopback clamps are 65483); without TCPOPT_WINDOW a connection that negotiated no window
+scaling keeps the receive scale connect() chose and advertises windows >> 7, so the peer
+stalls; and binding the service address before the switch gives it to the host needs
+IP_TRANSPARENT (IP_FREEBIND binds, but connect() then fails with ENETUNREACH).
 """
 
 from __future__ import annotations
@@ -71,14 +79,13 @@ TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 MAX_TCP_MAXSEG = 32767
 """setsockopt(TCP_MAXSEG) refuses more; TCP_REPAIR_OPTIONS sets the full clamp after connect."""
 IP_FREEBIND, IP_TRANSPARENT = 15, 19
-IPV6_TRANSPARENT = 75
+IPV6_TRANSPARENT, IPV6_FREEBIND = 75, 78
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 DEFAULT_TS_MARGIN_MS = 100
 _FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 _INT = struct.Struct("i")
 _UINT = struct.Struct("I")  # sequence numbers and clock values go in as unsigned 32-bit
 _QUEUE_FITS_DEFAULT_BUFFER = 32 << 10
-
 
 
 class RepairError(KernelError):
