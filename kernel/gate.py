@@ -35,6 +35,9 @@ from kernel.tcfilter import Direction, TcHook, TcTarget
 log = structlog.get_logger()
 
 GATE_PRIORITY = 0xAC00
+# A clamped ACK repeating what the wire already carries is dropped within this time of the flow's
+# last segment (it would only feed the peer's duplicate-ACK count); later it answers a keepalive.
+DUP_HOLDOFF_S = 1.0
 MAX_WSCALE = 14
 _TFO_SYSCTL = "net/ipv4/tcp_fastopen"
 # TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
@@ -93,8 +96,9 @@ class AckGate:
     """The egress gate on one interface, attached while the context is open."""
 
     def __init__(self, ifname: str, netns: str | None = None,
-                 priority: int = GATE_PRIORITY) -> None:
+                 priority: int = GATE_PRIORITY, dup_holdoff_s: float = DUP_HOLDOFF_S) -> None:
         self.ifname = ifname
+        self.dup_holdoff_s = dup_holdoff_s
         self.netns = netns
         self._priority = priority
         self._lock = threading.Lock()
@@ -111,6 +115,9 @@ class AckGate:
             self._flows = self._obj.map("gate_flows")
             self._states = self._obj.map("gate_states")
             self._ports = self._obj.map("guarded_ports")
+            holdoff = layout.new("struct gate_settings",
+                                 dup_holdoff_ns=int(self.dup_holdoff_s * 1e9))
+            self._obj.map("gate_settings").update(struct.pack("=I", 0), layout.to_bytes(holdoff))
             self._sender = RawSender(self.netns)
             self._hook = TcHook(TcTarget(self.ifname, Direction.EGRESS, self._priority,
                                          self.netns),

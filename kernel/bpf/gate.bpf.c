@@ -42,6 +42,13 @@ struct {
 	__type(value, struct listen_value);
 } guarded_ports SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct gate_settings);
+} gate_settings SEC(".maps");
+
 #define MAX_WSCALE 14
 
 /* Raise *field to v if v is after it (mod 2^32); return the value the field holds afterwards. */
@@ -178,10 +185,20 @@ int gate_egress(struct __sk_buff *skb)
 
 	/* A clamped pure ACK that repeats the ack and right edge already on the wire tells the peer
 	 * nothing but "duplicate": it would count it towards fast retransmit and raise its
-	 * reordering estimate, until real losses wait for its retransmission timer. Drop it. */
+	 * reordering estimate, until real losses wait for its retransmission timer. Drop it, unless
+	 * the flow has been quiet for dup_holdoff_ns: then it answers a keepalive or window probe. */
+	__u64 now = bpf_ktime_get_ns();
+
 	dup = st && !fresh && clamped && !(p.flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)) &&
 	      p.payload_len == 0 && ack_out == old_ack &&
 	      (__u32)(ack_out + (win_out << shift)) == old_edge;
+	if (dup) {
+		__u32 zero = 0;
+		struct gate_settings *set = bpf_map_lookup_elem(&gate_settings, &zero);
+
+		if (!set || now - st->last_sent_ns >= set->dup_holdoff_ns)
+			dup = 0;
+	}
 
 	if (st) {
 		seq_max(&st->snd_nxt, end_seq);
@@ -213,6 +230,8 @@ int gate_egress(struct __sk_buff *skb)
 	}
 	if (dup)
 		return TC_ACT_SHOT;
+	if (st)
+		st->last_sent_ns = now;
 
 	int moved = ack_out != p.ack || win_out != p.window;
 

@@ -47,6 +47,13 @@ struct gate_state {
 	__u64 frozen_dropped;
 	__u64 tsvals_raised;
 	__u64 dupacks_dropped;
+	__u64 last_sent_ns; /* bpf_ktime_get_ns() when a segment of the flow last left */
+};
+
+/* Map gate_settings (one entry), written by userspace: a clamped duplicate ACK is dropped only
+ * within dup_holdoff_ns of the flow's last segment on the wire (0: never dropped). */
+struct gate_settings {
+	__u64 dup_holdoff_ns;
 };
 
 /* Map guarded_ports: key = local port (host byte order); a SYN-ACK leaving such a port creates

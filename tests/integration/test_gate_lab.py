@@ -378,7 +378,7 @@ def test_sack_and_dsack_blocks_never_leave_a_flow_guarded_mid_connection(
             ici = repair.dump(conn)
             assert ici.params.options & TcpOption.SACK
             gate.guard(flow, ici.rcv_nxt, ici.params.rcv_wscale)
-            tsval = peer.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) + 10
+            tsval = (peer.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) + 10) & 0xFFFFFFFF
             cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
                                   f"tcp port {port}")
             try:

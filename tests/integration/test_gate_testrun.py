@@ -24,6 +24,7 @@ from tests.integration.gatepackets import (
     RST,
     SYN,
     TC_ACT_OK,
+    TC_ACT_SHOT,
     FlowConfig,
     FlowId,
     GateModel,
@@ -40,6 +41,9 @@ PACKETS_PER_SEED = 2500
 @pytest.fixture(scope="module")
 def gate() -> Iterator[BpfObject]:
     with BpfObject(bpfbuild.object_bytes("gate"), "gate") as obj:
+        # duplicate clamped ACKs are always "recent": the model drops every one
+        forever = layout.new("struct gate_settings", dup_holdoff_ns=1 << 62)
+        obj.map("gate_settings").update(struct.pack("=I", 0), layout.to_bytes(forever))
         yield obj
 
 
@@ -246,3 +250,26 @@ def test_single_segment_of_a_fresh_flow_matches_the_model(
     assert got.retval == verdict
     assert _without_checksum(got.data) == _without_checksum(build_frame(expected))
     assert tcp_checksum_valid(got.data)
+
+
+def _set_holdoff(gate: BpfObject, ns: int) -> None:
+    value = layout.new("struct gate_settings", dup_holdoff_ns=ns)
+    gate.map("gate_settings").update(struct.pack("=I", 0), layout.to_bytes(value))
+
+
+def test_duplicate_clamped_ack_is_dropped_only_within_the_holdoff(gate: BpfObject) -> None:
+    fid = ("10.77.9.1", 80, "10.77.1.2", 40000)
+    ack = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 50_000, ACK, 100,
+                  b"\x01\x01" + struct.pack("!BBII", 8, 10, 7, 9))
+    try:
+        for holdoff, second in ((0, TC_ACT_OK), (1 << 62, TC_ACT_SHOT)):
+            _set_holdoff(gate, holdoff)
+            for m in (gate.map("gate_flows"), gate.map("gate_states")):
+                for key in list(m.keys()):
+                    m.delete(key)
+            _set_config(gate, fid, FlowConfig(40_000, 7, 1))
+            first = gate.test_run("gate_egress", build_frame(ack))
+            again = gate.test_run("gate_egress", build_frame(ack))
+            assert (first.retval, again.retval) == (TC_ACT_OK, second)
+    finally:
+        _set_holdoff(gate, 1 << 62)
