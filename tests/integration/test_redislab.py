@@ -81,6 +81,15 @@ def test_sentinels_fail_over_when_the_primary_is_killed(fresh_lab: Lab) -> None:
         before = sentinels.primary_address()
         assert before == (primary.addr, primary.port)
         lab.call("origin", _roundtrip, primary, "before-failover", b"1")
+
+        def replicated() -> int:
+            c = primary.client()
+            try:
+                return int(c.execute_command("WAIT", 1, 2000))
+            finally:
+                c.close()
+
+        assert lab.call("origin", replicated) == 1  # asynchronous replication: wait for it
         primary.kill()
         after = sentinels.wait_failover(before, timeout=40)
         assert after == (replica.addr, replica.port)
