@@ -83,10 +83,12 @@ def tcpcp_pass(lab: Lab, control: str, to_host: str, family: int,
 
 
 def paws_counters(lab: Lab) -> dict[str, int]:
-    out = lab.run("peer", ["nstat", "-az", "--json"], capture_output=True, text=True,
-                  check=True, env={**os.environ, "NSTAT_HISTORY": "/dev/null"}).stdout
+    out = lab.run("peer", ["nstat", "-azs", "--json"], capture_output=True, text=True,
+                  check=True).stdout
     counters = json.loads(out)["kernel"]
-    return {k: int(v) for k, v in counters.items() if "PAWS" in k}
+    paws = {k: int(v) for k, v in counters.items() if "PAWS" in k}
+    assert "TcpExtPAWSEstab" in paws, f"nstat shows no PAWS counters: {sorted(counters)[:20]}"
+    return paws
 
 
 def count_resets(pcap: bytes) -> tuple[int, int]:

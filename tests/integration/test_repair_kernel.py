@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -244,3 +245,32 @@ def test_kept_socket_options_and_large_queues_survive_the_restore(on_origin: Lab
     finally:
         with lab.enter("origin"):
             isolation.close()
+
+
+def paws_estab(lab: Lab) -> int:
+    out = lab.run("peer", ["nstat", "-azs", "--json"], capture_output=True, text=True,
+                  check=True).stdout
+    return int(json.loads(out)["kernel"]["TcpExtPAWSEstab"])
+
+
+def test_a_timestamp_clock_restored_behind_the_origin_is_dropped_by_the_peers_paws(
+    on_origin: Lab,
+) -> None:
+    """Control for the passing tests' PAWS check: the counter does move when TSval goes back."""
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 50)
+    origin.sendall(b"a" * 100)
+    assert recv_exactly(peer, 100) == b"a" * 100
+    before = paws_estab(lab)
+    ici = repair.dump(origin, stay_in_repair=True)
+    repair.discard(origin)
+    with lab.enter("standby"):
+        restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)),
+                                  ts_margin_ms=-60_000)
+    lab.switch_route("standby")
+    sock = repair.activate(restored)
+    sock.sendall(b"b" * 100)
+    time.sleep(0.5)
+    assert paws_estab(lab) > before
+    repair.discard(sock)
+    peer.close()
