@@ -132,7 +132,10 @@ class AckGate:
         self.detach()
 
     def detach(self) -> None:
-        """Remove the program from the interface and unload it; guarded flows become ungated."""
+        """Remove the program from the interface and unload it; guarded flows become ungated.
+
+        A process killed without detaching leaves the filter attached with its maps: its flows
+        stay gated at their last commit, which is the safe side."""
         if self._hook is not None:
             self._hook.detach()
             self._hook = None
@@ -241,10 +244,6 @@ class AckGate:
         with self._lock:
             self._flows_map().delete(key)
             self._states.delete(key)
-
-    def flows(self) -> list[bytes]:
-        """Keys of every flow in the gate (raw struct flow_key bytes)."""
-        return list(self._flows_map().keys())
 
     def state(self, flow: Flow) -> GateState | None:
         """What BPF recorded for flow, or None before its first egress segment."""
