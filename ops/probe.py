@@ -98,7 +98,8 @@ class Capture:
         self.lab, self.host, self.interface = lab, host, interface
         fd, self.path = tempfile.mkstemp(prefix=f"{lab.prefix}-{host}-", suffix=".pcap")
         os.close(fd)
-        self.argv = ["tcpdump", "-i", interface, "-U", "-n", "-s", str(snaplen), "-w", self.path]
+        self.argv = ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-n",
+                     "-s", str(snaplen), "-w", self.path]
         if bpf_filter:
             self.argv.append(bpf_filter)
         self.proc: subprocess.Popen[bytes] | None = None
