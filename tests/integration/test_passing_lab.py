@@ -115,8 +115,8 @@ class Capture:
 
     def __init__(self, lab: Lab, path: Path, port: int = SERVICE_PORT) -> None:
         self.path = path
-        self.proc = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "-s", "128",
-                                       "-w", str(path), f"tcp port {port}"],
+        self.proc = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode",
+                                       "-s", "128", "-w", str(path), f"tcp port {port}"],
                               stderr=subprocess.PIPE)
         assert self.proc.stderr is not None
         self.proc.stderr.readline()  # "listening on eth0 ..."
@@ -349,3 +349,13 @@ def test_passing_isolated_by_the_ack_gate_freeze_and_quarantine_keeps_every_byte
                   (tmp_path / f"{host}.log").read_text().splitlines() if line.startswith("{")]
         assert events.count("flow_frozen") == 3, host
         assert events.count("quarantined") == 3, host
+
+
+def test_the_capture_check_sees_a_reset_when_there_is_one(lab: Lab, tmp_path: Path) -> None:
+    """Control for the no-RST checks: a connection refused by origin shows up as one RST."""
+    cap = Capture(lab, tmp_path / "rst.pcap", port=9)
+    with lab.enter("peer"), pytest.raises(ConnectionRefusedError):
+        socket.create_connection((lab.service(4), 9), timeout=5)
+    segments, resets = cap.stop()
+    assert segments == 2
+    assert resets == 1
