@@ -25,8 +25,9 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -121,7 +122,8 @@ class DemoServer:
         self.sel.register(ctl, selectors.EVENT_READ, self._control)
         self.control_path = control
 
-    def _listen(self, addr: str, port: int, handler: object) -> None:
+    def _listen(self, addr: str, port: int,
+                handler: Callable[[socket.socket], None]) -> None:
         af = socket.AF_INET6 if ":" in addr else socket.AF_INET
         ls = socket.socket(af, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -229,10 +231,11 @@ class DemoServer:
                 for sock, raw in live:
                     self._adopt(sock, AppState.decode(raw))
 
-    def _pass(self, cmd: dict[str, object], client: socket.socket) -> dict[str, object]:
+    def _pass(self, cmd: dict[str, Any], client: socket.socket) -> dict[str, object]:
         host, _, port = str(cmd["to"]).rpartition(":")
-        count = int(cmd.get("count") or 0)  # type: ignore[call-overload]
-        chosen = list(self.conns.values())[: count or None]
+        count = int(cmd.get("count") or 0)
+        live = [c for c in self.conns.values() if not c.closing]  # FIN sent: not ESTABLISHED
+        chosen = live[: count or None]
         for conn in chosen:
             self.sel.unregister(conn.sock)
             del self.conns[conn.sock.fileno()]
@@ -298,11 +301,12 @@ class DemoServer:
                         log.warning("conn_error", error=str(exc))
                         self._close(c)
                 for key, mask in self.sel.select(timeout=0.01 if paced else 0.2):
-                    if key.data == self._io:
-                        if key.fileobj.fileno() in self.conns:  # type: ignore[union-attr]
-                            self._io(key.fileobj, mask)  # type: ignore[arg-type]
-                    else:
-                        key.data(key.fileobj)
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if key.data != self._io:
+                        key.data(sock)
+                    elif sock.fileno() in self.conns:  # not closed by an earlier event
+                        self._io(sock, mask)
         finally:
             self.isolation.close()
             with contextlib.suppress(FileNotFoundError):
