@@ -97,6 +97,9 @@ class Lab:
             raise LabError(f"prefix must be 1-21 of [a-z0-9-] starting with a letter, got "
                            f"{self.prefix!r}")
         self.owned = owned
+        # the process whose death makes this lab stale (None: lives until `tcpcp lab down`)
+        self.owner: tuple[int, int | None] | None = (
+            (os.getpid(), netns.process_start_time(os.getpid())) if owned else None)
         names = ["peer", "gw", "origin", "standby", "store", "store2", "store3"][: 4 + stores]
         self.hosts: dict[str, Host] = {n: self._host(n) for n in names}
         self.service_owner = "origin"
@@ -426,8 +429,8 @@ class Lab:
         state = {
             "prefix": self.prefix,
             "hosts": list(self.hosts),
-            "owner_pid": os.getpid() if self.owned else None,
-            "owner_start": netns.process_start_time(os.getpid()) if self.owned else None,
+            "owner_pid": self.owner[0] if self.owner else None,
+            "owner_start": self.owner[1] if self.owner else None,
             "service_owner": self.service_owner,
             "service_mode": self.service_mode,
             "service_holders": sorted(self.service_holders),
@@ -448,7 +451,9 @@ class Lab:
         except FileNotFoundError:
             raise LabError(f"no lab with prefix {prefix!r} is up (no {_registry_path(prefix)})") \
                 from None
-        lab = cls(prefix, stores=len(state["hosts"]) - 4, owned=state["owner_pid"] is not None)
+        lab = cls(prefix, stores=len(state["hosts"]) - 4, owned=False)
+        if state["owner_pid"] is not None:  # keep the real owner: attaching does not adopt it
+            lab.owner = (state["owner_pid"], state["owner_start"])
         lab.service_owner = state["service_owner"]
         lab.service_mode = state["service_mode"]
         lab.service_holders = set(state["service_holders"])

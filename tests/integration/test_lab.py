@@ -265,3 +265,15 @@ def test_lab_is_removed_when_its_process_is_interrupted(sig: signal.Signals) -> 
         if child.poll() is None:
             child.kill()
     assert not any(netns.exists(n) for n in names)
+
+
+def test_attaching_to_a_lab_from_another_process_keeps_its_owner(lab: Lab) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    script = (f"from ops.lab import Lab; l = Lab.attach({lab.prefix!r}); "
+              "l.switch_route('standby'); l.switch_route('origin')")
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, capture_output=True)
+    with open(f"/run/tcpcp-lab/{lab.prefix}.json") as f:
+        assert json.load(f)["owner_pid"] == os.getpid()
+    with Lab(stores=1):
+        pass  # sweeping after the attaching process exited must leave this lab alone
+    assert all(netns.exists(h.netns) for h in lab.hosts.values())
