@@ -102,7 +102,7 @@ class DemoServer:
     """Single-threaded selector loop: service listeners, transfer receiver, control socket."""
 
     def __init__(self, listen: Sequence[str], port: int, receive_port: int, control: str,
-                 policy: RestorePolicy, isolation: str = "nft") -> None:
+                 policy: RestorePolicy, isolation: str = "gate") -> None:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, Conn] = {}
         self.policy = policy
@@ -406,9 +406,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--control", required=True, help="unix socket path for tcpcp pass")
     p.add_argument("--serve", action="append", default=[],
                    help="local address this host may restore connections for (repeatable)")
-    p.add_argument("--isolation", choices=("nft", "gate"), default="nft",
-                   help="how passed flows are isolated: nftables drops, or the ACK gate's "
-                   "freeze plus the ingress quarantine on eth0 (default nft)")
+    p.add_argument("--isolation", choices=("gate", "nft"), default="gate",
+                   help="how passed flows are isolated: the ACK gate's freeze plus the ingress "
+                   "quarantine on eth0 (default), or nftables drops (no BPF needed)")
     return p
 
 

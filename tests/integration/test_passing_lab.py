@@ -59,9 +59,9 @@ def start_servers(lab: Lab, tmp: Path, port: int, receive_port: int,
 
 @pytest.fixture(scope="module")
 def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Demo servers isolating passed flows with nftables."""
+    """Demo servers isolating passed flows with the ACK gate's freeze (the default)."""
     yield from start_servers(lab, tmp_path_factory.mktemp("demo"), SERVICE_PORT, RECEIVE_PORT,
-                             "nft")
+                             "gate")
 
 
 def status(control: str) -> dict[str, Any]:
@@ -319,11 +319,12 @@ def test_a_garbled_transfer_is_refused_and_the_receiver_keeps_serving(
     assert after["conns"] == before["conns"]
 
 
-def test_passing_isolated_by_the_ack_gate_freeze_and_quarantine_keeps_every_byte(
-    lab: Lab, tmp_path: Path,
+def test_passing_isolated_by_nftables_instead_of_the_gate_keeps_every_byte(
+    lab: Lab, tmp_path: Path, servers: dict[str, str],
 ) -> None:
+    """The fallback isolation (no BPF): nftables drops; the module's gate servers still run."""
     port, receive_port = SERVICE_PORT + 1, RECEIVE_PORT + 1
-    gen = start_servers(lab, tmp_path, port, receive_port, "gate")
+    gen = start_servers(lab, tmp_path, port, receive_port, "nft")
     controls = next(gen)
     cap = Capture(lab, tmp_path / "peer.pcap", port)
     try:
@@ -344,11 +345,11 @@ def test_passing_isolated_by_the_ack_gate_freeze_and_quarantine_keeps_every_byte
         _, resets = cap.stop()
         gen.close()
     assert resets == 0
-    for host in ("origin", "standby"):  # the gate, not nftables, held the flows
+    for host in ("origin", "standby"):  # nftables, not the gate, held these flows
         events = [json.loads(line)["event"] for line in
                   (tmp_path / f"{host}.log").read_text().splitlines() if line.startswith("{")]
-        assert events.count("flow_frozen") == 3, host
-        assert events.count("quarantined") == 3, host
+        assert events.count("passed") + events.count("pass_received") >= 1, host
+        assert events.count("flow_frozen") == 0, host
 
 
 def test_the_capture_check_sees_a_reset_when_there_is_one(lab: Lab, tmp_path: Path) -> None:
