@@ -65,4 +65,5 @@ def test_demo_runs_to_the_end() -> None:
     r = subprocess.run([sys.executable, "-m", "ops.demo", "--log-format", "json"], cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "demo OK" in r.stdout and "lab only" in r.stdout
+    assert "demo OK" in r.stdout, r.stdout
+    assert "FAIL" not in r.stdout and " 0 RST" in r.stdout and "1 connect, file intact" in r.stdout
