@@ -214,8 +214,7 @@ def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
 ) -> None:
     socks = open_echo(lab, 4, 5)
     standby = lab.addr("standby", 4)
-    switch = (f"ip -n {lab.netns('standby')} addr replace {lab.service(4)}/32 dev eth0 && "
-              f"ip -n {lab.netns('gw')} route replace {lab.service(4)}/32 via {standby}")
+    switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
     with EchoPeers(socks) as peers:
         time.sleep(0.3)
         done = subprocess.run(
@@ -229,8 +228,14 @@ def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
         assert report["passed"] == 5
         assert status(servers["standby"])["conns"] == 5
         mid = list(peers.sent)
-        back = tcpcp_pass(lab, servers["standby"], "origin", 4)
-        assert back["passed"] == 5
+        back = subprocess.run(  # and back, with the lab switch done by tcpcp pass itself
+            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
+             "--control", servers["standby"], "--to", f"{lab.addr('origin', 4)}:{RECEIVE_PORT}",
+             "--lab", lab.prefix, "--switch-to", "origin"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert back.returncode == 0, back.stdout + back.stderr[-2000:]
+        assert json.loads(back.stdout.strip().splitlines()[-1])["passed"] == 5
+        assert status(servers["origin"])["conns"] >= 5
         time.sleep(0.3)
         assert peers.finish()
     assert peers.errors == {}
