@@ -159,6 +159,13 @@ def _translate(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, rx.ResponseError) and str(exc).startswith(("READONLY", "LOADING",
                                                                   "MASTERDOWN", "TRYAGAIN")):
         return StoreUnavailable(f"{what}: Redis cannot serve writes now: {exc}")
+    if isinstance(exc, rx.ResponseError) and str(exc).startswith("NOREPLICAS"):
+        return StoreUnavailable(
+            f"{what}: the primary must see its min-replicas-to-write good replicas before it "
+            f"accepts a write, it does not (nothing was written): {exc}")
+    if isinstance(exc, rx.OutOfMemoryError) or str(exc).startswith("OOM"):
+        return StoreUnavailable(f"{what}: Redis is above its maxmemory and refuses writes "
+                                f"(nothing was written): {exc}")
     return StoreError(f"{what}: unexpected Redis reply: {type(exc).__name__}: {exc}")
 
 

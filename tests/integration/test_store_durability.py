@@ -18,6 +18,7 @@ from store.errors import (
     RecordTruncated,
     RecordUnknownKey,
     RecordUnsigned,
+    StoreUnavailable,
 )
 from store.keys import OriginKeys
 from store.limits import Limits
@@ -68,6 +69,33 @@ def test_wait_1_put_fails_within_the_timeout_when_the_replica_is_stopped(
                 with pytest.raises(DurabilityError, match="WAIT"):  # a claim is fencing state
                     store.claim(ORIGIN, "standby-1", epoch, ttl_ms=5000)
                 assert store.state(ORIGIN).owner == "standby-1"  # applied on the primary only
+
+
+def test_primary_short_of_min_replicas_refuses_the_put_as_unavailable_and_keeps_the_old_record(
+        redis_server: LocalRedis, keyring: KeyRing) -> None:  # noqa: F811
+    with CheckpointStore.connect(StoreConfig.standalone(redis_server.url), keyring) as store:
+        epoch = store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=60_000)
+        store.put(cp("c1", epoch, 1, b"first"))
+        redis_server.admin().config_set("min-replicas-to-write", 1)
+        with pytest.raises(StoreUnavailable, match=r"min-replicas-to-write.*NOREPLICAS"):
+            store.put(cp("c1", epoch, 2, b"second"))
+        redis_server.admin().config_set("min-replicas-to-write", 0)
+        got = store.get(ORIGIN, "c1")
+        assert got is not None and (got.version, got.app_state) == (1, b"first")
+
+
+def test_primary_above_maxmemory_refuses_the_put_as_unavailable(
+        redis_server: LocalRedis, keyring: KeyRing) -> None:  # noqa: F811
+    with CheckpointStore.connect(StoreConfig.standalone(redis_server.url), keyring) as store:
+        epoch = store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=60_000)
+        redis_server.admin().config_set("maxmemory-policy", "noeviction")
+        redis_server.admin().config_set("maxmemory", 1)
+        try:
+            with pytest.raises(StoreUnavailable, match=r"above its maxmemory.*used memory"):
+                store.put(cp("c1", epoch, 1))
+        finally:
+            redis_server.admin().config_set("maxmemory", 0)
+        assert store.get(ORIGIN, "c1") is None
 
 
 def _store_raw(server: LocalRedis, conn: str, raw: bytes) -> None:
