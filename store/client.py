@@ -36,6 +36,7 @@ from store.errors import (
     ClaimLost,
     DurabilityError,
     DurabilityUnsupported,
+    EpochExhausted,
     InvalidCheckpoint,
     LeaseHeld,
     LeaseLost,
@@ -125,6 +126,9 @@ def _refusal(message: str, origin: str) -> WriteRefused | None:
     if code == "TCPCP_CLAIM_LOST":
         return ClaimLost(f"claim of origin {origin!r} expected epoch {f['seen']}, "
                          f"got {f['current']}: another claimer won")
+    if code == "TCPCP_EPOCH_EXHAUSTED":
+        return EpochExhausted(f"epoch of origin {origin!r} must be below 2**63-1 to be bumped, "
+                              f"got {f['current']}: the origin cannot be claimed again")
     return None
 
 

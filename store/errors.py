@@ -87,6 +87,10 @@ class ClaimLost(WriteRefused):
     """Another claimer bumped the epoch first: exactly one claimer wins."""
 
 
+class EpochExhausted(WriteRefused):
+    """The origin's epoch is at its maximum (2**63-1, the limit of Redis counters): no new claim."""
+
+
 class DurabilityError(StoreError):
     """The write reached the primary but not the requested durability within the timeout.
 

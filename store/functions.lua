@@ -9,7 +9,7 @@
 --   4 ver    hash   conn -> version (decimal string)
 -- Refusals are error replies "TCPCP_<REASON> key=value ...", parsed by the client.
 
-local LIBRARY_VERSION = 1
+local LIBRARY_VERSION = 2
 
 -- decimal strings without leading zeros, compared as unsigned integers of any width
 local function greater(a, b)
@@ -19,6 +19,19 @@ end
 
 local function current_epoch(meta)
   return redis.call('HGET', meta, 'epoch') or '0'
+end
+
+-- Epochs travel as decimal strings, never as Lua numbers (doubles: exact only up to 2^53).
+-- HINCRBY stops at 2^63-1; at that point the origin cannot be claimed again.
+local EPOCH_MAX = '9223372036854775807'
+
+local function bump_epoch(meta)
+  local current = current_epoch(meta)
+  if not greater(EPOCH_MAX, current) then
+    return nil, redis.error_reply('TCPCP_EPOCH_EXHAUSTED current=' .. current)
+  end
+  redis.call('HINCRBY', meta, 'epoch', 1)
+  return redis.call('HGET', meta, 'epoch'), nil
 end
 
 local function check_epoch(meta, epoch)
@@ -75,7 +88,7 @@ local function delete(keys, args)
 end
 
 -- ARGV: holder, ttl_ms. Takes the lease (and ownership of a never-owned origin).
--- Returns the epoch the holder writes with.
+-- Returns the epoch the holder writes with (a decimal string).
 local function lease_acquire(keys, args)
   local holder, ttl = args[1], args[2]
   local lease = redis.call('GET', keys[2])
@@ -86,12 +99,12 @@ local function lease_acquire(keys, args)
   if owner and owner ~= holder then
     return redis.error_reply('TCPCP_NOT_OWNER owner=' .. owner .. ' epoch=' .. current_epoch(keys[1]))
   end
-  local epoch
+  local epoch = current_epoch(keys[1])
   if not owner then
-    epoch = redis.call('HINCRBY', keys[1], 'epoch', 1)
+    local refused
+    epoch, refused = bump_epoch(keys[1])
+    if refused then return refused end
     redis.call('HSET', keys[1], 'owner', holder)
-  else
-    epoch = tonumber(current_epoch(keys[1]))
   end
   redis.call('SET', keys[2], holder, 'PX', ttl)
   return epoch
@@ -129,7 +142,7 @@ end
 
 -- ARGV: holder, seen_epoch, ttl_ms. Bumps the epoch, makes holder the owner and gives it the
 -- lease, provided no other holder's lease is live and nobody claimed since seen_epoch was read:
--- of several claimers that saw the same epoch, exactly one wins.
+-- of several claimers that saw the same epoch, exactly one wins. Returns the new epoch (string).
 local function claim(keys, args)
   local holder, seen, ttl = args[1], args[2], args[3]
   local lease = redis.call('GET', keys[2])
@@ -140,7 +153,8 @@ local function claim(keys, args)
   if current ~= seen then
     return redis.error_reply('TCPCP_CLAIM_LOST seen=' .. seen .. ' current=' .. current)
   end
-  local epoch = redis.call('HINCRBY', keys[1], 'epoch', 1)
+  local epoch, refused = bump_epoch(keys[1])
+  if refused then return refused end
   redis.call('HSET', keys[1], 'owner', holder)
   redis.call('SET', keys[2], holder, 'PX', ttl)
   return epoch

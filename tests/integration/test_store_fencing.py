@@ -13,6 +13,7 @@ from store.config import Durability, StoreConfig
 from store.errors import (
     ClaimLost,
     DurabilityUnsupported,
+    EpochExhausted,
     LeaseHeld,
     LeaseLost,
     LibraryVersionError,
@@ -185,6 +186,30 @@ def test_renewal_by_a_fenced_holder_fails(store: CheckpointStore) -> None:
     store.client_for(ORIGIN).delete(f"tcpcp:{{{ORIGIN}}}:lease")
     with pytest.raises(NotOwner, match="'standby-1' owns it"):
         store.lease_acquire(ORIGIN, "origin-a", ttl_ms=5000)
+
+
+def test_epochs_beyond_2_53_are_returned_exactly_and_the_last_one_is_not_bumped(
+        store: CheckpointStore) -> None:
+    # Redis Lua numbers are doubles: an epoch passed through one would come back rounded
+    admin = store.client_for(ORIGIN)
+    meta = f"tcpcp:{{{ORIGIN}}}:meta"
+    admin.hset(meta, "epoch", 2**53 + 2)
+    claimed = store.claim(ORIGIN, "standby-1", seen_epoch=2**53 + 2, ttl_ms=5000)
+    assert claimed == 2**53 + 3 == store.state(ORIGIN).epoch
+    store.put(cp(epoch=claimed, version=1))
+    assert store.lease_acquire(ORIGIN, "standby-1", ttl_ms=5000) == 2**53 + 3
+    store.lease_renew(ORIGIN, "standby-1", claimed, ttl_ms=5000)
+    store.lease_release(ORIGIN, "standby-1", claimed)
+    admin.hset(meta, "epoch", 2**63 - 1)
+    with pytest.raises(EpochExhausted, match=r"below 2\*\*63-1 to be bumped, got 92233720368"):
+        store.claim(ORIGIN, "standby-2", seen_epoch=2**63 - 1, ttl_ms=5000)
+    state = store.state(ORIGIN)
+    assert (state.epoch, state.owner) == (2**63 - 1, "standby-1")
+    fresh = "origin-b"
+    store.client_for(fresh).hset(f"tcpcp:{{{fresh}}}:meta", "epoch", 2**63 - 1)
+    with pytest.raises(EpochExhausted):
+        store.lease_acquire(fresh, fresh, ttl_ms=5000)
+    assert store.state(fresh).owner is None
 
 
 def test_function_library_is_loaded_on_connect_and_a_newer_one_is_refused(
