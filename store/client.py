@@ -126,6 +126,10 @@ def _refusal(message: str, origin: str) -> WriteRefused | None:
     if code == "TCPCP_CLAIM_LOST":
         return ClaimLost(f"claim of origin {origin!r} expected epoch {f['seen']}, "
                          f"got {f['current']}: another claimer won")
+    if code == "TCPCP_UNOWNED":
+        return NotOwner(f"origin {origin!r} must have an owner before anything is written for "
+                        f"it, got none at epoch {f['epoch']} (never leased, or its fencing "
+                        "state was lost with a primary's data): take the lease first")
     if code == "TCPCP_EPOCH_EXHAUSTED":
         return EpochExhausted(f"epoch of origin {origin!r} must be below 2**63-1 to be bumped, "
                               f"got {f['current']}: the origin cannot be claimed again")

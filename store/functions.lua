@@ -9,7 +9,7 @@
 --   4 ver    hash   conn -> version (decimal string)
 -- Refusals are error replies "TCPCP_<REASON> key=value ...", parsed by the client.
 
-local LIBRARY_VERSION = 2
+local LIBRARY_VERSION = 3
 
 -- decimal strings without leading zeros, compared as unsigned integers of any width
 local function greater(a, b)
@@ -38,6 +38,9 @@ local function check_epoch(meta, epoch)
   local current = current_epoch(meta)
   if current ~= epoch then
     return redis.error_reply('TCPCP_STALE_EPOCH given=' .. epoch .. ' current=' .. current)
+  end
+  if current == '0' then  -- never leased (or its state was lost): nobody may write yet
+    return redis.error_reply('TCPCP_UNOWNED epoch=0')
   end
   return nil
 end

@@ -75,6 +75,21 @@ def test_write_carrying_a_stale_epoch_is_refused_after_a_claim(store: Checkpoint
     assert got is not None and got.version == 1 and got.app_state == b"state"
 
 
+def test_writes_to_an_origin_nobody_has_leased_are_refused(store: CheckpointStore) -> None:
+    with pytest.raises(NotOwner, match=r"must have an owner.*got none at epoch 0"):
+        store.put(cp(epoch=0, version=1))
+    with pytest.raises(NotOwner):
+        store.put_many([cp(f"c{i}", epoch=0, version=1) for i in range(3)])
+    with pytest.raises(NotOwner):
+        store.delete(ORIGIN, 0, ["c1"])
+    with pytest.raises(StaleEpoch, match="current epoch 0, got 1"):
+        store.put(cp(epoch=1, version=1))
+    assert store.connections(ORIGIN) == {} and store.state(ORIGIN).epoch == 0
+    epoch = store.lease_acquire(ORIGIN, "origin-a", ttl_ms=5000)
+    store.put(cp(epoch=epoch, version=1))
+    assert store.connections(ORIGIN) == {"c1": 1}
+
+
 def test_older_or_equal_version_never_replaces_a_newer_one(store: CheckpointStore) -> None:
     epoch = store.lease_acquire(ORIGIN, "origin-a", ttl_ms=5000)
     store.put(cp(epoch=epoch, version=5, payload=b"v5"))

@@ -34,6 +34,7 @@ def test_stale_epoch_reply_carries_both_epochs(given_epoch: int, current: int) -
     ("TCPCP_LEASE_LOST holder=false", LeaseLost, "expired or taken"),
     ("TCPCP_NOT_OWNER owner=standby epoch=4", NotOwner, "'standby' owns it at epoch 4"),
     ("TCPCP_CLAIM_LOST seen=3 current=4", ClaimLost, "expected epoch 3, got 4"),
+    ("TCPCP_UNOWNED epoch=0", NotOwner, "got none at epoch 0"),
     ("TCPCP_EPOCH_EXHAUSTED current=9223372036854775807", EpochExhausted,
      "got 9223372036854775807: the origin cannot be claimed again"),
 ])
