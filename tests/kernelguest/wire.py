@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -144,12 +145,11 @@ class VethPair:
     @staticmethod
     def _setup(ns: str, ifname: str, side: int) -> None:
         def setup() -> None:
-            for conf in ("all", "default"):
-                with open(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad", "w") as f:
-                    f.write("0")
             with IPRoute() as ip:
                 idx = ip.link_lookup(ifname=ifname)[0]
                 ip.link("set", index=idx, ifname="eth0")
+                for conf in ("all", "default", "eth0"):  # no DAD: addresses usable at once
+                    Path(f"/proc/sys/net/ipv6/conf/{conf}/accept_dad").write_text("0")
                 ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
                 ip.link("set", index=idx, mtu=1500, state="up")
                 for family, (origin, peer, plen) in ADDRS.items():
@@ -228,6 +228,7 @@ class Capture:
     @staticmethod
     def _open(ifname: str) -> socket.socket:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: drop no frame
         s.bind((ifname, 0))
         s.settimeout(0.1)
         return s
