@@ -14,19 +14,27 @@ import pytest
 
 from ops.lab import Lab
 from ops.redislab import RedisClusterSet, RedisServer, SentinelSet
+from store.acl import acl_rules
 from store.client import CheckpointStore, OriginState
 from store.config import Durability, StoreConfig
 from store.errors import (
     ClaimLost,
     DurabilityError,
     LeaseHeld,
+    LeaseLost,
+    RecordBadSignature,
     StaleEpoch,
     StoreUnavailable,
+    VersionNotNewer,
 )
 from store.keys import OriginKeys
-from store.record import Checkpoint
+from store.record import Checkpoint, encode
 from store.signing import KeyRing
-from tests.integration.store_support import keyring, wait_for  # noqa: F401  (fixture)
+from tests.integration.store_support import (  # noqa: F401  (fixture)
+    keyring,
+    new_keyring,
+    wait_for,
+)
 
 pytestmark = pytest.mark.lab
 ORIGIN = "origin-a"
@@ -260,3 +268,65 @@ def _try_acquire(store: CheckpointStore) -> bool:
         return True
     except DurabilityError:
         return False
+
+
+def test_least_privilege_user_runs_the_whole_failover_path_across_the_lab(
+        lab: Lab, redis_factory: Callable[..., RedisServer],
+        keyring: KeyRing) -> None:  # noqa: F811
+    """Origin and standby as the ACL user: versions only move forward, the lease expires
+    within its TTL (not before, not later), the claim fences the origin, and a forged record
+    is refused while the genuine one is restored."""
+    srv = redis_factory("store")
+
+    def admin(*command: object) -> object:
+        c = srv.client()
+        try:
+            return c.execute_command(*command)
+        finally:
+            c.close()
+    lab.call("store", admin, "ACL", "SETUSER", "tcpcp", "reset", "on", ">pw", *acl_rules())
+    config = StoreConfig.standalone(srv.url, username="tcpcp", password="pw")
+    origin = lab.call("origin", CheckpointStore.connect, config, keyring)
+    standby = lab.call("standby", CheckpointStore.connect, config, keyring)
+    try:
+        ttl_s = 0.8
+        started = time.monotonic()
+        epoch = lab.call("origin", origin.lease_acquire, ORIGIN, ORIGIN, int(ttl_s * 1000))
+        acquired = time.monotonic()
+        newest = cp(5, epoch, conn="c1")
+        lab.call("origin", origin.put, newest)
+        for older in (5, 4, 1):
+            with pytest.raises(VersionNotNewer, match="above the stored 5"):
+                lab.call("origin", origin.put, cp(older, epoch, conn="c1"))
+
+        def watch_lease() -> tuple[float, float]:
+            """(start, end) of the first state() call that found the lease gone."""
+            while True:
+                t0 = time.monotonic()
+                holder = standby.state(ORIGIN).lease_holder
+                t1 = time.monotonic()
+                if holder is None:
+                    return t0, t1
+                assert holder == ORIGIN
+                assert t1 - started < ttl_s + 2, "the lease outlived its TTL by 2 s"
+                time.sleep(0.005)
+        gone_t0, gone_t1 = lab.call("standby", watch_lease)
+        assert gone_t1 >= started + ttl_s - 0.005, "the lease expired before its TTL"
+        assert gone_t0 <= acquired + ttl_s + 0.1, (
+            f"the lease was still live {gone_t0 - acquired - ttl_s:.3f} s after its TTL")
+        with pytest.raises(LeaseLost, match="expired or taken"):
+            lab.call("origin", origin.lease_renew, ORIGIN, ORIGIN, epoch, 800)
+        new_epoch = lab.call("standby", standby.claim, ORIGIN, "standby", epoch, 5000)
+        assert new_epoch == epoch + 1
+        with pytest.raises(StaleEpoch):
+            lab.call("origin", origin.lease_renew, ORIGIN, ORIGIN, epoch, 800)
+        with pytest.raises(StaleEpoch):
+            lab.call("origin", origin.put, cp(6, epoch, conn="c1"))
+        forged = encode(cp(9, new_epoch, conn="c2"), new_keyring())
+        lab.call("store", admin, "HSET", OriginKeys(ORIGIN).records, "c2", forged)
+        results = {r.conn: r for r in lab.call("standby", lambda: list(standby.records(ORIGIN)))}
+        assert results["c1"].error is None and results["c1"].checkpoint == newest
+        assert isinstance(results["c2"].error, RecordBadSignature)
+    finally:
+        origin.close()
+        standby.close()
