@@ -62,7 +62,8 @@ def test_wait_1_put_fails_within_the_timeout_when_the_replica_is_stopped(
                                    match=r"needed 1 replica\(s\) within 300 ms \(WAIT\), got 0"):
                     store.put(cp("c1", epoch, 2))
                 elapsed = time.monotonic() - started
-                assert elapsed < 0.3 + 2.0, f"put took {elapsed:.2f} s, timeout was 0.3 s"
+                # it waited for the replica the whole timeout, then gave up promptly
+                assert 0.29 <= elapsed < 0.3 + 1.0, f"put took {elapsed:.3f} s, timeout 0.3 s"
                 with pytest.raises(DurabilityError):
                     store.put_many([cp(f"b{i}", epoch, 1) for i in range(10)])
                 store.lease_release(ORIGIN, ORIGIN, epoch)
