@@ -9,7 +9,20 @@ has committed them (DESIGN.md section 4).
         gate.counters(flow); gate.state(flow); gate.forget(flow)
 
 The BPF program (kernel/bpf/gate.bpf.c) does the rewriting at tc egress; this class writes its
-configuration map, reads its state map and sends the forced ACKs (kernel/forced_ack.py).
+configuration map, reads its state map and sends the forced ACKs (kernel/forced_ack.py). A second,
+small program at tc ingress takes the SACK-permitted option out of SYNs to guarded ports.
+
+SACK is off per guarded flow, never for the namespace. The gate strips SACK blocks (they would
+tell the peer about bytes beyond the commit), and a peer that negotiated SACK but never sees a
+block recovers every loss by its retransmission timer (200 ms stalls were measured). So on a
+guarded port neither end negotiates SACK: the SYN's SACK-permitted option becomes NOPs at ingress
+(the local kernel counts duplicate ACKs for its own sending, like the peer) and the SYN-ACK's at
+egress (the peer never expects blocks). Unguarded connections in the namespace keep SACK.
+
+A flow guarded mid-connection (`guard` on an established socket) has SACK negotiated already and
+keeps it: it cannot be renegotiated, and its blocks are stripped like any other. Its peer then
+recovers losses of the bytes it sends us only by its retransmission timer; guard connections
+from their SYN-ACK (`guard_listen`) wherever throughput under loss matters.
 """
 
 from __future__ import annotations
@@ -42,7 +55,6 @@ MAX_WSCALE = 14
 _TFO_SYSCTL = "net/ipv4/tcp_fastopen"
 # TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
 _TFO_SERVER_BITS = 0x2 | 0x200 | 0x400
-_SACK_SYSCTL = "net/ipv4/tcp_sack"
 
 
 class GateError(KernelError):
@@ -104,6 +116,7 @@ class AckGate:
         self._lock = threading.Lock()
         self._obj: BpfObject | None = None
         self._hook: TcHook | None = None
+        self._syn_hook: TcHook | None = None
         self._sender: RawSender | None = None
         self._sysctl_saved: dict[str, str] = {}
         self.log = log.bind(ifname=ifname, netns=netns)
@@ -122,6 +135,9 @@ class AckGate:
             self._hook = TcHook(TcTarget(self.ifname, Direction.EGRESS, self._priority,
                                          self.netns),
                                 self._obj.program_fd("gate_egress"), "tcpcp_gate")
+            self._syn_hook = TcHook(TcTarget(self.ifname, Direction.INGRESS, self._priority,
+                                             self.netns),
+                                    self._obj.program_fd("gate_syn_ingress"), "tcpcp_gate_syn")
         except BaseException:
             self.detach()
             raise
@@ -136,9 +152,10 @@ class AckGate:
 
         A process killed without detaching leaves the filter attached with its maps: its flows
         stay gated at their last commit, which is the safe side."""
-        if self._hook is not None:
-            self._hook.detach()
-            self._hook = None
+        for hook in (self._syn_hook, self._hook):
+            if hook is not None:
+                hook.detach()
+        self._syn_hook = self._hook = None
         if self._sender is not None:
             self._sender.close()
             self._sender = None
@@ -172,14 +189,12 @@ class AckGate:
     def guard_listen(self, port: int) -> None:
         """Gate every connection accepted on local port from its SYN-ACK on.
 
-        Two settings of the namespace change until detach: TCP Fast Open's server side goes off
-        (a SYN-ACK would acknowledge the data of a Fast Open SYN before any commit), and so does
-        SACK (the gate strips SACK blocks, and a peer that negotiated SACK but never sees a block
-        detects no loss before its retransmission timer: 200 ms stalls were measured)."""
+        Such connections negotiate no SACK (see the module docstring). One setting of the
+        namespace changes until detach: TCP Fast Open's server side goes off (a SYN-ACK would
+        acknowledge the data of a Fast Open SYN before any commit)."""
         self._live()
         self._ports.update(struct.pack("=I", port), struct.pack("=I", 1))
         self._override_sysctl(_TFO_SYSCTL, lambda v: v & ~_TFO_SERVER_BITS)
-        self._override_sysctl(_SACK_SYSCTL, lambda v: 0)
         self.log.info("port_guarded", port=port)
 
     def unguard_listen(self, port: int) -> None:

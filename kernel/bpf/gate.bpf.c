@@ -16,7 +16,14 @@
  *     leaves a checksum-partial one to the device.
  * gate_states records, per flow, what a forced ACK needs: the highest sequence sent, the
  * kernel's ack, the farthest right edge advertised, the highest TSval and TSecr, plus counters.
- * A SYN-ACK leaving a port in guarded_ports creates the flow's entry: committed = its ack. */
+ * A SYN-ACK leaving a port in guarded_ports creates the flow's entry: committed = its ack.
+ *
+ * SACK is switched off per flow, not per namespace: since the gate strips SACK blocks, a peer
+ * that negotiated SACK would never see one and recover every loss by its retransmission timer.
+ * gate_syn_ingress turns the SACK-permitted option of a SYN arriving at a guarded port into NOPs,
+ * so the local kernel does not negotiate SACK either (its own loss recovery then counts duplicate
+ * ACKs, as the peer's does); gate_egress does the same to the SYN-ACK of every guarded flow, so
+ * the peer never believes SACK was negotiated even if the SYN reached the kernel untouched. */
 #include <linux/pkt_cls.h>
 
 #include "tcp_parse.h"
@@ -106,6 +113,7 @@ int gate_egress(struct __sk_buff *skb)
 	if (!w || load_tcp_header(skb, &p, w))
 		return cfg ? TC_ACT_SHOT : TC_ACT_OK;
 	w->strip_sack = 1;
+	w->strip_sackperm = (p.flags & (TCPF_SYN | TCPF_ACK)) == (TCPF_SYN | TCPF_ACK);
 	walk_options(w);
 	if (!cfg) {
 		if (!bpf_map_lookup_elem(&guarded_ports, &(__u32){bpf_ntohs(p.src_port)}))
@@ -234,8 +242,9 @@ int gate_egress(struct __sk_buff *skb)
 		st->last_sent_ns = now;
 
 	int moved = ack_out != p.ack || win_out != p.window;
+	int stripped = w->sack_found || (w->strip_sackperm && w->sackperm_found);
 
-	if (!moved && !raised && !w->sack_found)
+	if (!moved && !raised && !stripped)
 		return TC_ACT_OK;
 	if (moved) {
 		buf_put_be32(w->buf, 8, ack_out);
@@ -254,6 +263,41 @@ int gate_egress(struct __sk_buff *skb)
 	if (bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, 0))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
+}
+
+/* tc ingress: a SYN arriving at a guarded port loses its SACK-permitted option (NOPs, checksum
+ * corrected), so neither end of the guarded connection negotiates SACK. Every packet goes on to
+ * the next filter (TC_ACT_UNSPEC): this program never drops and never decides for others. */
+SEC("tc")
+int gate_syn_ingress(struct __sk_buff *skb)
+{
+	struct tcp_pkt p = {};
+	struct opt_walk *w;
+
+	if (parse_tcp(skb, &p))
+		return TC_ACT_UNSPEC;
+	if ((p.flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) != TCPF_SYN)
+		return TC_ACT_UNSPEC;
+	if (!bpf_map_lookup_elem(&guarded_ports, &(__u32){bpf_ntohs(p.dst_port)}))
+		return TC_ACT_UNSPEC;
+	w = walker();
+	if (!w || load_tcp_header(skb, &p, w))
+		return TC_ACT_UNSPEC;
+	w->strip_sackperm = 1;
+	walk_options(w);
+	if (!w->sackperm_found)
+		return TC_ACT_UNSPEC;
+
+	__s64 diff = bpf_csum_diff((__be32 *)w->old, TCP_HDR_MAX, (__be32 *)w->buf, TCP_HDR_MAX, 0);
+	__u32 len = p.hdr_len;
+
+	/* a SYN we cannot rewrite reaches the kernel as it came: the SYN-ACK is still rewritten */
+	if (diff < 0 || len < 20 || len > TCP_HDR_MAX)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_store_bytes(skb, p.l4_off, w->buf, len, 0))
+		return TC_ACT_UNSPEC;
+	bpf_l4_csum_replace(skb, p.l4_off + 16, 0, diff, 0);
+	return TC_ACT_UNSPEC;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -20,6 +20,7 @@
 #define TCP_OPT_EOL 0
 #define TCP_OPT_NOP 1
 #define TCP_OPT_WS 3
+#define TCP_OPT_SACK_PERM 4
 #define TCP_OPT_SACK 5
 #define TCP_OPT_TS 8
 
@@ -57,6 +58,8 @@ struct opt_walk {
 	__u32 wscale; /* 0xff: no window-scale option */
 	__u32 sack_found;
 	__u32 strip_sack;
+	__u32 sackperm_found;
+	__u32 strip_sackperm; /* NOP the SACK-permitted option (SYN and SYN-ACK only) */
 };
 
 struct {
@@ -204,6 +207,12 @@ static long opt_step(__u32 index, void *ctx)
 			w->nop_left = len - 1;
 			w->pos = pos + 1;
 			return 0;
+		}
+	} else if (kind == TCP_OPT_SACK_PERM && len == 2) {
+		w->sackperm_found = 1;
+		if (w->strip_sackperm) {
+			w->buf[pos & (TCP_BUF - 1)] = TCP_OPT_NOP;
+			w->buf[(pos + 1) & (TCP_BUF - 1)] = TCP_OPT_NOP;
 		}
 	} else if (kind == TCP_OPT_TS && len == 10) {
 		w->ts_off = pos;

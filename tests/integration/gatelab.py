@@ -1,10 +1,11 @@
 """Lab helpers for the ACK-gate tests and benchmark: a gated receiver that commits by a
-CommitPolicy, an uploader run in the peer, a capture taken on the gateway (outside the origin)
-and a reader for the capture."""
+CommitPolicy, an uploader run in the peer, a capture taken on the gateway (outside the origin),
+a reader for the capture and a lossy link (a gateway program dropping random data segments)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import select
 import socket
 import struct
@@ -27,6 +28,9 @@ from checkpointer.commit_policy import (
 )
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
+from kernel.tcfilter import Direction, TcHook, TcTarget
+from ops import labfilter
+from ops.labfilter import Insn
 
 UPLOADER = r"""
 import hashlib, socket, sys
@@ -34,6 +38,8 @@ host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.connect((host, port))
+if len(sys.argv) > 4:  # wait for the server's go (one byte) before sending
+    assert s.recv(1) == b"g"
 block = bytes(range(256)) * 256
 digest = hashlib.sha256()
 sent = 0
@@ -78,14 +84,21 @@ def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
     Commits are recorded with the wall-clock time taken just before the gate moves."""
     srv.settimeout(timeout)
     conn, peer = srv.accept()
-    t0 = time.monotonic()
     flow = Flow.of(conn.getsockname()[:2], peer[:2])
-    out.flow = flow
     base = 0
     if gate is not None:
         cfg = gate.config(flow)
         assert cfg is not None, f"guarded port did not create a gate entry for {flow}"
         base = cfg.committed_seq
+    return read_gated(conn, flow, base, gate, policy, out, timeout)
+
+
+def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
+               policy: CommitPolicy, out: Received, timeout: float = 120.0) -> Received:
+    """Read an accepted connection to the end, committing base + bytes read by policy, answer
+    one byte and close it."""
+    t0 = time.monotonic()
+    out.flow = flow
     conn.setblocking(False)
     digest = hashlib.sha256()
     state = PolicyState()
@@ -132,8 +145,10 @@ def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
     return out
 
 
-def uploader_argv(host: str, port: int, total: int) -> list[str]:
-    return [sys.executable, "-c", UPLOADER, host, str(port), str(total)]
+def uploader_argv(host: str, port: int, total: int, wait_for_go: bool = False) -> list[str]:
+    """The uploader's command line; wait_for_go: it sends only after reading b"g"."""
+    return [sys.executable, "-c", UPLOADER, host, str(port), str(total),
+            *(["go"] if wait_for_go else [])]
 
 
 def expected_sha256(total: int) -> str:
@@ -245,3 +260,51 @@ def nstat(lab_run: object, host: str, counter: str) -> int:
         if parts and parts[0] == counter:
             return int(parts[1])
     return 0
+
+
+# ---------------------------------------------------------------------- lossy link
+_LOSS_PRIORITY = 0x10
+
+
+def random_loss(one_in: int, min_len: int = 1000) -> list[Insn]:
+    """A tc program dropping, at random, one in `one_in` (a power of two) frames of at least
+    min_len bytes (data segments, never pure ACKs); every other frame passes."""
+    if one_in & (one_in - 1) or one_in < 2:
+        raise ValueError(f"one_in must be a power of two >= 2, got {one_in}")
+    ldx_w, jlt_k, call, and_k, jne_k = 0x61, 0xA5, 0x85, 0x57, 0x55
+    mov_k, exit_ = 0xB7, 0x95
+    get_prandom_u32 = 7
+    return [
+        Insn(ldx_w, dst=2, src=1, off=0),           # r2 = skb->len
+        Insn(jlt_k, dst=2, off=5, imm=min_len),     # short frame -> pass
+        Insn(call, imm=get_prandom_u32),
+        Insn(and_k, dst=0, imm=one_in - 1),
+        Insn(jne_k, dst=0, off=2, imm=0),           # not this one -> pass
+        Insn(mov_k, dst=0, imm=labfilter.TC_ACT_SHOT),
+        Insn(exit_),
+        Insn(mov_k, dst=0, imm=labfilter.TC_ACT_OK),  # pass
+        Insn(exit_),
+    ]
+
+
+class LossyLink:
+    """While open, the gateway port towards a host drops random data segments on their way to
+    it (outside the host: its TCP stack sees plain loss)."""
+
+    def __init__(self, gw_netns: str, port: str, one_in: int) -> None:
+        self.target = TcTarget(port, Direction.EGRESS, _LOSS_PRIORITY, gw_netns)
+        self.one_in = one_in
+        self._hook: TcHook | None = None
+
+    def __enter__(self) -> LossyLink:
+        fd = labfilter.load(random_loss(self.one_in), name="tcpcp_lossy")
+        try:
+            self._hook = TcHook(self.target, fd, "tcpcp_lossy")
+        finally:
+            os.close(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.detach()
+            self._hook = None

@@ -244,7 +244,8 @@ class GateModel:
             return TC_ACT_SHOT, s
         new_opts = bytearray(s.options)
         for o, k, n in opts:
-            if k == 5:
+            # SACK blocks go on every segment; SACK-permitted on the SYN-ACK (per-flow SACK off)
+            if k == 5 or (k == 4 and n == 2 and s.flags & (SYN | ACK) == SYN | ACK):
                 new_opts[o:o + n] = b"\x01" * n
         if ts is not None:
             new_opts[ts + 2:ts + 6] = tsval_out.to_bytes(4, "big")
@@ -254,3 +255,19 @@ class GateModel:
 
 def seq_max(current: int, v: int) -> int:
     return v if after(v, current) else current
+
+
+UNSPEC = 0xFFFFFFFF  # TC_ACT_UNSPEC (-1) as BPF_PROG_TEST_RUN reports it
+
+
+def syn_ingress(s: Segment, guarded_ports: set[int]) -> Segment:
+    """What the ingress program must hand on (always with TC_ACT_UNSPEC): a SYN without ACK or
+    RST to a guarded port loses its SACK-permitted option; everything else passes untouched."""
+    if s.flags & (SYN | ACK | RST) != SYN or s.dport not in guarded_ports:
+        return s
+    new_opts = bytearray(s.options)
+    for o, k, n in walk_options(s.options):
+        if k == 4 and n == 2:
+            new_opts[o:o + 2] = b"\x01\x01"
+    return Segment(s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags, s.window,
+                   bytes(new_opts), s.payload, s.ip_options)

@@ -25,13 +25,16 @@ from tests.integration.gatepackets import (
     SYN,
     TC_ACT_OK,
     TC_ACT_SHOT,
+    UNSPEC,
     FlowConfig,
     FlowId,
     GateModel,
     Segment,
     build_frame,
     parse_frame,
+    syn_ingress,
     tcp_checksum_valid,
+    walk_options,
 )
 
 GUARDED_PORT = 8443
@@ -62,8 +65,13 @@ def _options(rng: random.Random, syn: bool, ts: tuple[int, int] | None) -> bytes
     if syn:
         parts.append(struct.pack("!BBH", 2, 4, 1460))
         parts.append(b"\x01" + struct.pack("!BBB", 3, 3, rng.randint(0, 16)))
+    sackperm = syn and rng.random() < 0.7
     if ts is not None:
-        parts.append(b"\x01\x01" + struct.pack("!BBII", 8, 10, *ts))
+        # Linux puts SACK-permitted in the two bytes before the timestamp, else after two NOPs
+        parts.append((b"\x04\x02" if sackperm else b"\x01\x01")
+                     + struct.pack("!BBII", 8, 10, *ts))
+    elif sackperm:
+        parts.insert(rng.randint(0, len(parts)), b"\x01\x01\x04\x02")
     room = 40 - sum(len(p) for p in parts)
     blocks = rng.randint(0, min(4, (room - 4) // 8)) if not syn else 0
     if blocks:
@@ -129,6 +137,12 @@ def _scenario(rng: random.Random) -> Iterator[tuple[str, object]]:
             yield "segment", Segment(prev.src, prev.dst, prev.sport, prev.dport, prev.seq,
                                      prev.ack, ACK, prev.window, prev.options)
             continue
+        if r > 0.88 and fid in last:  # its ack moves on, its right edge does not
+            prev = last[fid]
+            kernel_ack[fid] = (kernel_ack[fid] + rng.randint(1, 3000)) & MASK
+            yield "segment", Segment(prev.src, prev.dst, prev.sport, prev.dport, prev.seq,
+                                     kernel_ack[fid], ACK, 0, prev.options)
+            continue
         if r < 0.03:
             committed = (kernel_ack[fid] - rng.randint(0, 50_000)) & MASK
             yield "config", (fid, FlowConfig(committed, rng.randint(0, 14),
@@ -147,6 +161,10 @@ def _scenario(rng: random.Random) -> Iterator[tuple[str, object]]:
         yield "segment", last[fid]
 
 
+def _has_option(seg: Segment, kind: int) -> bool:
+    return any(k == kind for _, k, _ in walk_options(seg.options))
+
+
 def _without_checksum(frame: bytes) -> bytes:
     p = parse_frame(frame)
     return frame[:p.l4 + 16] + frame[p.l4 + 18:]
@@ -163,7 +181,7 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         for key in list(m.keys()):
             m.delete(key)
     ports_map.update(struct.pack("=I", GUARDED_PORT), struct.pack("=I", 1))
-    rewritten = untouched = 0
+    rewritten = untouched = sackperm_stripped = 0
     for kind, item in _scenario(rng):
         if kind == "config":
             fid, cfg = cast(tuple[FlowId, FlowConfig], item)
@@ -186,7 +204,8 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
             f"input {item}\nexpected {expected_seg}")
         assert tcp_checksum_valid(got.data), f"bad checksum after rewriting {item}"
         rewritten += 1
-    assert rewritten > 500 and untouched > 300
+        sackperm_stripped += _has_option(item, 4) and not _has_option(expected_seg, 4)
+    assert rewritten > 500 and untouched > 300 and sackperm_stripped > 5
     assert sum(f.dupacks_dropped for f in model.states.values()) > 10
     for fid, want in model.states.items():
         raw = states_map.lookup(flow_key(_flow(fid)))
@@ -221,13 +240,16 @@ segments = st.builds(
         FlowConfig((ack - committed_back) & MASK, ws, 1)),
     st.sampled_from([4, 6]), st.integers(0, MASK), st.integers(0, MASK),
     st.integers(-70_000, 1 << 20), st.integers(0, 65535), st.integers(0, 14),
-    st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, RST | ACK, 0]),
+    st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, RST | ACK, SYN | ACK, 0]),
     st.one_of(st.none(), st.tuples(st.integers(0, MASK), st.integers(0, MASK))),
     st.integers(0, 4), st.binary(max_size=64))
 
 
 def _hyp_options(ts: tuple[int, int] | None, blocks: int) -> bytes:
+    """Timestamps and 0-4 SACK blocks; blocks == 4 without room for them: SACK-permitted."""
     opts = b"" if ts is None else b"\x01\x01" + struct.pack("!BBII", 8, 10, *ts)
+    if blocks == 4 and ts is not None:
+        return b"\x01\x01\x04\x02" + opts
     blocks = min(blocks, 3 if ts else 4)
     if blocks:
         opts += b"\x01\x01" + struct.pack("!BB", 5, 2 + 8 * blocks) + bytes(range(8 * blocks))
@@ -259,8 +281,10 @@ def _set_holdoff(gate: BpfObject, ns: int) -> None:
 
 def test_duplicate_clamped_ack_is_dropped_only_within_the_holdoff(gate: BpfObject) -> None:
     fid = ("10.77.9.1", 80, "10.77.1.2", 40000)
-    ack = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 50_000, ACK, 100,
-                  b"\x01\x01" + struct.pack("!BBII", 8, 10, 7, 9))
+    opts = b"\x01\x01" + struct.pack("!BBII", 8, 10, 7, 9)
+    ack = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 50_000, ACK, 100, opts)
+    # the kernel's ack moves on, its right edge (ack + window << 7) stays: clamped, a duplicate
+    moved_on = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 51_280, ACK, 90, opts)
     try:
         for holdoff, second in ((0, TC_ACT_OK), (1 << 62, TC_ACT_SHOT)):
             _set_holdoff(gate, holdoff)
@@ -269,7 +293,44 @@ def test_duplicate_clamped_ack_is_dropped_only_within_the_holdoff(gate: BpfObjec
                     m.delete(key)
             _set_config(gate, fid, FlowConfig(40_000, 7, 1))
             first = gate.test_run("gate_egress", build_frame(ack))
-            again = gate.test_run("gate_egress", build_frame(ack))
+            again = gate.test_run("gate_egress", build_frame(moved_on))
             assert (first.retval, again.retval) == (TC_ACT_OK, second)
     finally:
         _set_holdoff(gate, 1 << 62)
+
+
+def _syn_scenario(rng: random.Random) -> Iterator[Segment]:
+    for _ in range(1500):
+        version = rng.choice([4, 6])
+        peer, local = _addresses(rng, version)[::-1]
+        flags = rng.choice([SYN, SYN, SYN, SYN | ACK, ACK, SYN | RST, SYN | FIN])
+        ts = (rng.getrandbits(32), 0) if rng.random() < 0.8 else None
+        yield Segment(peer, local, rng.randint(1024, 65535),
+                      rng.choice([GUARDED_PORT, GUARDED_PORT, rng.randint(1, 65535)]),
+                      rng.getrandbits(32), 0 if flags == SYN else rng.getrandbits(32), flags,
+                      rng.randint(0, 65535), _options(rng, bool(flags & SYN), ts),
+                      rng.randbytes(rng.randint(0, 40)) if rng.random() < 0.1 else b"")
+
+
+def test_syn_to_a_guarded_port_loses_sack_permitted_and_every_other_packet_passes_untouched(
+        gate: BpfObject) -> None:
+    rng = random.Random(7)
+    ports_map = gate.map("guarded_ports")
+    for key in list(ports_map.keys()):
+        ports_map.delete(key)
+    ports_map.update(struct.pack("=I", GUARDED_PORT), struct.pack("=I", 1))
+    stripped = untouched = 0
+    for seg in _syn_scenario(rng):
+        frame = build_frame(seg)
+        expected = syn_ingress(seg, {GUARDED_PORT})
+        got = gate.test_run("gate_syn_ingress", frame)
+        assert got.retval == UNSPEC, f"verdict for {seg}"
+        if expected == seg:
+            assert got.data == frame, f"untouched segment changed: {seg}"
+            untouched += 1
+            continue
+        assert _without_checksum(got.data) == _without_checksum(build_frame(expected)), seg
+        assert tcp_checksum_valid(got.data), f"bad checksum after rewriting {seg}"
+        assert not _has_option(expected, 4)
+        stripped += 1
+    assert stripped > 100 and untouched > 500
