@@ -537,8 +537,15 @@ class CheckpointStore:
                                durable=True))
 
     def lease_renew(self, origin: str, holder: str, epoch: int, ttl_ms: int) -> None:
-        """Extend a live lease. Raises LeaseLost (expired), StaleEpoch/NotOwner (fenced)."""
-        self._fcall("tcpcp_lease_renew", OriginKeys(origin), holder, epoch, int(ttl_ms))
+        """Extend a live lease; return once the configured durability holds.
+
+        Raises LeaseLost (expired), StaleEpoch/NotOwner (fenced). A renewal that reached only
+        the primary would be lost in a failover, and the standby would then see the lease end
+        earlier than the holder believes: so it awaits durability too, and on DurabilityError
+        the holder must count its lease from the last renewal that returned.
+        """
+        self._fcall("tcpcp_lease_renew", OriginKeys(origin), holder, epoch, int(ttl_ms),
+                    durable=True)
 
     def lease_release(self, origin: str, holder: str, epoch: int) -> None:
         """Give the lease up at once (ownership and epoch stay)."""

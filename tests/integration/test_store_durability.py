@@ -66,6 +66,8 @@ def test_wait_1_put_fails_within_the_timeout_when_the_replica_is_stopped(
                 assert 0.29 <= elapsed < 0.3 + 1.0, f"put took {elapsed:.3f} s, timeout 0.3 s"
                 with pytest.raises(DurabilityError):
                     store.put_many([cp(f"b{i}", epoch, 1) for i in range(10)])
+                with pytest.raises(DurabilityError):  # the standby would see the older expiry
+                    store.lease_renew(ORIGIN, ORIGIN, epoch, ttl_ms=60_000)
                 store.lease_release(ORIGIN, ORIGIN, epoch)
                 with pytest.raises(DurabilityError, match="WAIT"):  # a claim is fencing state
                     store.claim(ORIGIN, "standby-1", epoch, ttl_ms=5000)
