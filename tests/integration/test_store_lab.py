@@ -274,8 +274,8 @@ def test_least_privilege_user_runs_the_whole_failover_path_across_the_lab(
         lab: Lab, redis_factory: Callable[..., RedisServer],
         keyring: KeyRing) -> None:  # noqa: F811
     """Origin and standby as the ACL user: versions only move forward, the lease expires
-    within its TTL (not before, not later), the claim fences the origin, and a forged record
-    is refused while the genuine one is restored."""
+    exactly at its TTL as seen from the standby, the claim fences the origin, and a forged
+    record is refused while the genuine one is restored."""
     srv = redis_factory("store")
 
     def admin(*command: object) -> object:
@@ -299,21 +299,26 @@ def test_least_privilege_user_runs_the_whole_failover_path_across_the_lab(
             with pytest.raises(VersionNotNewer, match="above the stored 5"):
                 lab.call("origin", origin.put, cp(older, epoch, conn="c1"))
 
-        def watch_lease() -> tuple[float, float]:
-            """(start, end) of the first state() call that found the lease gone."""
-            while True:
+        def watch_lease() -> list[tuple[float, float, bool]]:
+            """(before, after, held) of each state() call until one finds the lease gone."""
+            polls: list[tuple[float, float, bool]] = []
+            while not polls or polls[-1][2]:
                 t0 = time.monotonic()
                 holder = standby.state(ORIGIN).lease_holder
-                t1 = time.monotonic()
-                if holder is None:
-                    return t0, t1
-                assert holder == ORIGIN
-                assert t1 - started < ttl_s + 2, "the lease outlived its TTL by 2 s"
+                polls.append((t0, time.monotonic(), holder is not None))
+                assert holder in (None, ORIGIN)
+                assert polls[-1][1] - started < ttl_s + 2, "the lease outlived its TTL by 2 s"
                 time.sleep(0.005)
-        gone_t0, gone_t1 = lab.call("standby", watch_lease)
-        assert gone_t1 >= started + ttl_s - 0.005, "the lease expired before its TTL"
-        assert gone_t0 <= acquired + ttl_s + 0.1, (
-            f"the lease was still live {gone_t0 - acquired - ttl_s:.3f} s after its TTL")
+            return polls
+        # Redis reads the lease at an instant between a call's before and after, and the lease
+        # ends between started + TTL and acquired + TTL (1 ms: Redis's clock resolution)
+        polls = lab.call("standby", watch_lease)
+        for t0, t1, held in polls:
+            if held:
+                assert t0 < acquired + ttl_s + 0.001, f"lease live {t0 - acquired:.3f} s later"
+            else:
+                assert t1 > started + ttl_s - 0.001, f"lease gone after {t1 - started:.3f} s"
+        assert len(polls) > 1, "the lease was never seen live"
         with pytest.raises(LeaseLost, match="expired or taken"):
             lab.call("origin", origin.lease_renew, ORIGIN, ORIGIN, epoch, 800)
         new_epoch = lab.call("standby", standby.claim, ORIGIN, "standby", epoch, 5000)
