@@ -145,9 +145,25 @@ class Window:
         _check_uints(self, U32, "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup")
 
 
+USEC_CLOCK = 1
+"""Low bit of a TCP_TIMESTAMP value (Linux >= 6.7): set, the connection's clock counts
+microseconds; clear, milliseconds. getsockopt reports the mode in it and setsockopt takes the
+mode from it, so a value written back must keep the bit it was read with."""
+
+
+def clock_value(tsval: int, usec: bool) -> int:
+    """tsval as a TCP_TIMESTAMP value for a clock in the given mode: the low bit set to the
+    mode, rounding up (never below tsval, which the peer's PAWS would drop)."""
+    if usec:
+        return tsval | USEC_CLOCK
+    return seq_add(tsval, tsval & USEC_CLOCK)
+
+
 @dataclass(frozen=True, slots=True)
 class Timestamp:
-    """The TCP_TIMESTAMP clock value and the wall-clock instant (ms since the epoch) it was read."""
+    """The TCP_TIMESTAMP clock value and the wall-clock instant (ms since the epoch) it was read.
+
+    The value's low bit is the clock's mode (USEC_CLOCK); restoring keeps it."""
 
     tsval: int
     read_at_ms: int
@@ -156,10 +172,17 @@ class Timestamp:
         _check_uint("tsval", self.tsval, U32)
         _check_uint("read_at_ms", self.read_at_ms, U64)
 
+    @property
+    def usec(self) -> bool:
+        """True when the clock counts microseconds rather than milliseconds."""
+        return bool(self.tsval & USEC_CLOCK)
+
     def estimate(self, now_ms: int, margin_ms: int) -> int:
-        """The value to continue the clock with at now_ms: read value + elapsed + margin."""
-        elapsed = max(0, now_ms - self.read_at_ms)
-        return seq_add(self.tsval, elapsed + margin_ms)
+        """The value to continue the clock with at now_ms: read value + elapsed + margin, in
+        the clock's own unit and mode (an odd value would turn a millisecond clock into a
+        microsecond one, 1,000 times too fast for the peer)."""
+        ms = max(0, now_ms - self.read_at_ms) + margin_ms
+        return clock_value(seq_add(self.tsval, ms * 1000 if self.usec else ms), self.usec)
 
 
 @dataclass(frozen=True, slots=True)

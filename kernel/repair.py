@@ -28,8 +28,11 @@ Found while writing this, beyond DESIGN.md: SO_REUSEADDR after TCP_REPAIR=1 undo
 port reuse repair mode grants (EADDRINUSE next to the listener); TCP_MAXSEG refuses more than
 32767 (loopback clamps are 65483); without TCPOPT_WINDOW a connection that negotiated no window
 scaling keeps the receive scale connect() chose and advertises windows >> 7, so the peer
-stalls; and binding the service address before the switch gives it to the host needs
-IP_TRANSPARENT (IP_FREEBIND binds, but connect() then fails with ENETUNREACH).
+stalls; binding the service address before the switch gives it to the host needs
+IP_TRANSPARENT (IP_FREEBIND binds, but connect() then fails with ENETUNREACH); and the low bit
+of a TCP_TIMESTAMP value is the clock's mode (set: microseconds, Linux >= 6.7), so an estimate
+of the wrong parity made the restored clock run 1,000 times too fast (Timestamp.estimate keeps
+the bit).
 """
 
 from __future__ import annotations

@@ -142,6 +142,36 @@ def test_restored_timestamp_clock_continues_from_the_checkpoint(on_origin: Lab) 
     peer.close()
 
 
+@pytest.mark.parametrize("usec", [False, True])
+def test_restored_timestamp_clock_keeps_the_unit_it_was_dumped_with(on_origin: Lab,
+                                                                    usec: bool) -> None:
+    """TCP_TIMESTAMP's low bit is the clock's mode: an estimate of the wrong parity would turn
+    a millisecond clock into a microsecond one (the peer then sees TSval run 1,000 times too
+    fast and drops reordered ACKs as PAWS failures)."""
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 60 + usec)
+    ici = repair.dump(origin, stay_in_repair=True)
+    repair.discard(origin)
+    assert not ici.timestamp.usec, "the lab's connections count milliseconds"
+    if usec:  # as a connection over a route with the tcp_usec_ts feature would be dumped
+        ici = dataclasses.replace(ici, timestamp=dataclasses.replace(
+            ici.timestamp, tsval=ici.timestamp.tsval | 1))
+    with lab.enter("standby"):  # no time elapsed + an odd margin: an odd sum before rounding
+        restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)),
+                                  now_ms=ici.timestamp.read_at_ms, ts_margin_ms=101)
+    try:
+        first = restored.sock.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP) & 0xFFFFFFFF
+        time.sleep(0.2)
+        second = restored.sock.getsockopt(socket.IPPROTO_TCP, repair.TCP_TIMESTAMP) & 0xFFFFFFFF
+    finally:
+        repair.discard_restored(restored)
+        peer.close()
+    assert first & 1 == usec
+    unit = 1000 if usec else 1
+    ticks = (second - first) % 2**32
+    assert 150 * unit <= ticks <= 2_000 * unit, f"{ticks} ticks in 200 ms"
+
+
 @pytest.mark.parametrize("mode", [repair.PortMode.ANY, repair.PortMode.PREBOUND])
 def test_restore_takes_its_local_port_from_the_chosen_mode(on_origin: Lab,
                                                            mode: repair.PortMode) -> None:

@@ -22,6 +22,7 @@ from kernel.ici import (
     TcpState,
     Timestamp,
     Window,
+    clock_value,
 )
 
 u16 = st.integers(0, 0xFFFF)
@@ -152,4 +153,26 @@ def test_decode_error_and_invalid_values_are_kernel_errors() -> None:
 def test_timestamp_estimate_adds_elapsed_time_and_margin_and_wraps() -> None:
     ts = Timestamp(tsval=0xFFFFFFF0, read_at_ms=1_000)
     assert ts.estimate(now_ms=1_030, margin_ms=100) == (0xFFFFFFF0 + 130) % 2**32
-    assert ts.estimate(now_ms=900, margin_ms=5) == 0xFFFFFFF5
+    assert ts.estimate(now_ms=900, margin_ms=4) == 0xFFFFFFF4
+    assert ts.estimate(now_ms=1_000, margin_ms=15) == 0  # 0xFFFFFFFF rounded up: wraps
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**40), st.integers(0, 10**7),
+       st.integers(-(10**5), 10**5))
+def test_timestamp_estimate_keeps_the_clock_mode_and_unit(
+    raw: int, read_at: int, elapsed: int, margin: int,
+) -> None:
+    """The low bit of TCP_TIMESTAMP is the clock's mode (set: microseconds): an estimate
+    keeps it, and advances by elapsed + margin in that unit, rounding up by at most 1."""
+    ts = Timestamp(raw, read_at)
+    est = ts.estimate(now_ms=read_at + elapsed, margin_ms=margin)
+    assert est & 1 == raw & 1 == int(ts.usec)
+    unit = 1000 if ts.usec else 1
+    assert (est - raw - (elapsed + margin) * unit) % 2**32 in (0, 1)
+
+
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_clock_value_sets_the_mode_bit_without_going_backwards(tsval: int, usec: bool) -> None:
+    value = clock_value(tsval, usec)
+    assert value & 1 == int(usec)
+    assert (value - tsval) % 2**32 in (0, 1)
