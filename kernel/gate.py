@@ -52,9 +52,25 @@ GATE_PRIORITY = 0xAC00
 # last segment (it would only feed the peer's duplicate-ACK count); later it answers a keepalive.
 DUP_HOLDOFF_S = 1.0
 MAX_WSCALE = 14
+# Duplicate ACKs repeated after a forced ACK that reaches a hole (more than the peer's
+# fast-retransmit threshold of 3, in case it has raised its reordering estimate).
+DUPACK_REPLAY_MAX = 8
 _TFO_SYSCTL = "net/ipv4/tcp_fastopen"
 # TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
 _TFO_SERVER_BITS = 0x2 | 0x200 | 0x400
+
+
+def dupacks_to_replay(committed_seq: int, st: GateState) -> int:
+    """How many copies of the forced ACK to send after it, as duplicate ACKs.
+
+    The kernel answers data arriving after a hole (a loss) with duplicate ACKs at the hole, but
+    while the commit is behind the hole the gate clamps them below it, so the peer has none to
+    count towards fast retransmit and, after a loss at the end of a burst, waits for its
+    retransmission timer. A commit that reaches the kernel's ack while the kernel has sent
+    duplicates of it repeats them (capped), as the peer would have received them ungated."""
+    if committed_seq != st.kernel_ack:
+        return 0
+    return min(st.kernel_dupacks, DUPACK_REPLAY_MAX)
 
 
 class GateError(KernelError):
@@ -79,6 +95,7 @@ class GateState:
     frozen_dropped: int
     tsvals_raised: int
     dupacks_dropped: int
+    kernel_dupacks: int  # the kernel's duplicate ACKs since its ack last moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +255,12 @@ class AckGate:
         st = self.state(flow)
         if st is None or self._sender is None:
             return False
-        self._sender.send(AckSpec(flow, st.snd_nxt, cfg.committed_seq,
-                                  ack_window(st.rcv_edge, cfg.committed_seq, cfg.rcv_wscale),
-                                  st.tsval, st.tsecr))
+        spec = AckSpec(flow, st.snd_nxt, cfg.committed_seq,
+                       ack_window(st.rcv_edge, cfg.committed_seq, cfg.rcv_wscale),
+                       st.tsval, st.tsecr)
+        self._sender.send(spec)
+        for _ in range(dupacks_to_replay(cfg.committed_seq, st)):
+            self._sender.send(spec)
         return True
 
     def freeze(self, flow: Flow) -> None:
@@ -270,7 +290,7 @@ class AckGate:
         return GateState(s.snd_nxt, s.kernel_ack, s.rcv_edge, s.ack_sent,
                          s.tsval if s.has_ts else None, s.tsecr, s.rcv_wscale, s.packets,
                          s.acks_clamped, s.sack_stripped, s.windows_capped, s.frozen_dropped,
-                         s.tsvals_raised, s.dupacks_dropped)
+                         s.tsvals_raised, s.dupacks_dropped, s.kernel_dupacks)
 
     def counters(self, flow: Flow) -> GateCounters:
         """How many segments of flow the gate saw, clamped, stripped, capped, dropped (frozen),

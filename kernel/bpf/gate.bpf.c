@@ -148,7 +148,7 @@ int gate_egress(struct __sk_buff *skb)
 	__u32 end_seq = p.seq + p.payload_len + !!(p.flags & TCPF_SYN) + !!(p.flags & TCPF_FIN);
 	__u32 edge_in = p.ack + (p.window << shift);
 	__u32 scaled_ack = (p.flags & TCPF_ACK) && !(p.flags & TCPF_SYN);
-	__u32 old_edge = 0, old_ack = 0;
+	__u32 old_edge = 0, old_ack = 0, old_kernel_ack = 0, old_kernel_edge = 0;
 	int fresh = 0, dup;
 
 	if (!st) {
@@ -162,6 +162,7 @@ int gate_egress(struct __sk_buff *skb)
 		ns.tsecr = tsecr_in;
 		ns.has_ts = has_ts;
 		ns.rcv_wscale = ws;
+		ns.kernel_edge = edge_in;
 		bpf_map_update_elem(&gate_states, &key, &ns, BPF_NOEXIST);
 		st = bpf_map_lookup_elem(&gate_states, &key);
 		fresh = 1;
@@ -169,6 +170,8 @@ int gate_egress(struct __sk_buff *skb)
 	if (st) {
 		old_edge = *(volatile __u32 *)&st->rcv_edge;
 		old_ack = *(volatile __u32 *)&st->ack_sent;
+		old_kernel_ack = *(volatile __u32 *)&st->kernel_ack;
+		old_kernel_edge = *(volatile __u32 *)&st->kernel_edge;
 	}
 
 	if (p.flags & TCPF_ACK) {
@@ -211,6 +214,15 @@ int gate_egress(struct __sk_buff *skb)
 	if (st) {
 		seq_max(&st->snd_nxt, end_seq);
 		if (p.flags & TCPF_ACK) {
+			/* the kernel's duplicate ACKs since its ack last moved: once a commit reaches
+			 * that ack, userspace repeats them (the peer's fast retransmit needs them) */
+			if (after(p.ack, old_kernel_ack))
+				st->kernel_dupacks = 0;
+			else if (!fresh && p.ack == old_kernel_ack && edge_in == old_kernel_edge &&
+				 p.payload_len == 0 && !(p.flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)))
+				__sync_fetch_and_add(&st->kernel_dupacks, 1);
+			if (scaled_ack)
+				st->kernel_edge = edge_in;
 			seq_max(&st->kernel_ack, p.ack);
 			seq_max(&st->ack_sent, ack_out);
 		}

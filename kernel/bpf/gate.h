@@ -48,6 +48,10 @@ struct gate_state {
 	__u64 tsvals_raised;
 	__u64 dupacks_dropped;
 	__u64 last_sent_ns; /* bpf_ktime_get_ns() when a segment of the flow last left */
+	__u32 kernel_edge; /* the right edge of the kernel's latest ACK (before the gate) */
+	__u32 kernel_dupacks; /* the kernel's pure ACKs repeating its ack and edge since its ack
+			       * last moved: duplicate ACKs (out-of-order data), whether the gate let
+			       * them out clamped, dropped them or not */
 };
 
 /* Map gate_settings (one entry), written by userspace: a clamped duplicate ACK is dropped only

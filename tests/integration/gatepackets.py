@@ -157,6 +157,9 @@ class FlowState:
     frozen_dropped: int = 0
     tsvals_raised: int = 0
     dupacks_dropped: int = 0
+    last_sent_ns: int = -1  # not modelled (a clock)
+    kernel_edge: int = 0
+    kernel_dupacks: int = 0
 
 
 FlowId = tuple[str, int, str, int]
@@ -200,9 +203,10 @@ class GateModel:
         if st is None:
             st = FlowState(end_seq, s.ack, edge,
                            cfg.committed if after(s.ack, cfg.committed) else s.ack,
-                           tsval_in, tsecr_in, int(ts is not None), ws)
+                           tsval_in, tsecr_in, int(ts is not None), ws, kernel_edge=edge)
             self.states[fid] = st
         old_edge, old_ack = st.rcv_edge, st.ack_sent
+        old_kernel_ack, old_kernel_edge = st.kernel_ack, st.kernel_edge
         ack_out, win_out, clamped, capped = s.ack, s.window, False, False
         scaled_ack = bool(s.flags & ACK) and not s.flags & SYN
         if s.flags & ACK:
@@ -223,6 +227,14 @@ class GateModel:
                and ack_out == old_ack and (ack_out + (win_out << shift)) & MASK == old_edge)
         st.snd_nxt = seq_max(st.snd_nxt, end_seq)
         if s.flags & ACK:
+            # the kernel's own duplicate ACKs since its ack last moved (forced ACKs replay them)
+            if after(s.ack, old_kernel_ack):
+                st.kernel_dupacks = 0
+            elif (not fresh and s.ack == old_kernel_ack and edge == old_kernel_edge
+                  and not s.payload and not s.flags & (SYN | FIN | RST)):
+                st.kernel_dupacks += 1
+            if scaled_ack:
+                st.kernel_edge = edge
             st.kernel_ack = seq_max(st.kernel_ack, s.ack)
             st.ack_sent = seq_max(st.ack_sent, ack_out)
         tsval_out = tsval_in

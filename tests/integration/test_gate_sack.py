@@ -164,13 +164,13 @@ def test_gated_uploads_on_a_clean_path_never_wait_for_the_retransmission_timer(
 def test_gated_uploads_recover_most_random_losses_by_duplicate_acks_not_the_timer(
         lab: Lab, peer_sends_single_segments: None) -> None:
     """With SACK negotiated and its blocks stripped every loss waited for the timer (measured:
-    78-82 timeouts in 10 uploads); without SACK the peer repairs them by fast retransmit. A
-    loss at the very end of the stream still waits for the timer, as it does ungated without
-    SACK (no tail-loss probe without SACK)."""
+    78-82 timeouts in 10 uploads); without SACK the peer repairs them by fast retransmit, helped
+    by the duplicate ACKs a commit reaching a hole repeats. A retransmission lost again still
+    waits for the timer, as it does ungated."""
     before = _peer_counters(lab)
     with G.LossyLink(lab.netns("gw"), "p-origin", LOSS_ONE_IN):
         gated_uploads(lab, UPLOADS)
     seen = _delta(_peer_counters(lab), before)
     assert seen.retrans_segs >= UPLOADS, seen  # the link did lose segments
     assert seen.reno_recoveries > 0 and seen.sack_recoveries == 0, seen
-    assert seen.timeouts * 4 < seen.reno_recoveries, seen
+    assert seen.timeouts * 8 < seen.reno_recoveries, seen

@@ -212,7 +212,8 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         assert raw is not None, f"no gate_states entry for {fid}"
         got_state = layout.from_bytes("struct gate_state", raw)
         for name in want.__dataclass_fields__:
-            assert getattr(got_state, name) == getattr(want, name), f"{fid} {name}"
+            if name != "last_sent_ns":
+                assert getattr(got_state, name) == getattr(want, name), f"{fid} {name}"
 
 
 def test_flow_not_in_the_map_passes_byte_identical(gate: BpfObject) -> None:
