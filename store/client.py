@@ -42,9 +42,11 @@ from store.errors import (
     LeaseLost,
     LibraryVersionError,
     NotOwner,
+    RecordCorrupt,
     RecordError,
     RecordTooLarge,
     StaleEpoch,
+    StateCorrupt,
     StoreConfigError,
     StoreError,
     StoreUnavailable,
@@ -107,6 +109,22 @@ def _fields(message: str) -> dict[str, str]:
 
 def _refusal(message: str, origin: str) -> WriteRefused | None:
     """The WriteRefused for a TCPCP_* error reply from the library, or None if it is not one."""
+    try:
+        return _parse_refusal(message, origin)
+    except (KeyError, ValueError):  # the stored state it quotes is malformed (not our writes)
+        return WriteRefused(f"write to origin {origin!r} refused by the store with a reply "
+                            f"quoting malformed state: {message!r}")
+
+
+def _decimal(raw: object, what: str, error: type[StoreError]) -> int:
+    """`raw` (a Redis reply) as a non-negative decimal integer, else `error`."""
+    text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not text.isdigit() or not text.isascii():
+        raise error(f"{what} must be a decimal integer, got {raw!r}")
+    return int(text)
+
+
+def _parse_refusal(message: str, origin: str) -> WriteRefused | None:
     code = message.split(" ", 1)[0]
     f = _fields(message)
     if code == "TCPCP_STALE_EPOCH":
@@ -139,7 +157,7 @@ def _refusal(message: str, origin: str) -> WriteRefused | None:
 def _item_refusal(status: str, origin: str, conn: str, version: int,
                   limit: int) -> WriteRefused | RecordTooLarge:
     code, _, value = status.partition(" ")
-    if code == "VERSION_NOT_NEWER":
+    if code == "VERSION_NOT_NEWER" and value.isdigit() and value.isascii():
         return VersionNotNewer(
             f"record {origin}/{conn} must have a version above the stored {value}, got {version}",
             given=version, stored=int(value))
@@ -475,7 +493,8 @@ class CheckpointStore:
                     raise refusal if refusal is not None else reply
                 if isinstance(reply, Exception):
                     raise reply
-                statuses += [s.decode() if isinstance(s, bytes) else str(s) for s in reply]
+                statuses += [s.decode(errors="replace") if isinstance(s, bytes) else str(s)
+                             for s in reply]
             if durability is not None and any(s == "OK" for s in statuses):
                 self._check_durable(replies[-1], keys.origin)
             return statuses
@@ -533,8 +552,9 @@ class CheckpointStore:
         Raises LeaseHeld if another holder's lease is live, NotOwner if another holder owns it.
         """
         check_name("holder", holder)
-        return int(self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms),
-                               durable=True))
+        epoch = self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms),
+                            durable=True)
+        return _decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt)
 
     def lease_renew(self, origin: str, holder: str, epoch: int, ttl_ms: int) -> None:
         """Extend a live lease; return once the configured durability holds.
@@ -561,8 +581,9 @@ class CheckpointStore:
         been applied: state().owner == holder then says this claimer holds the origin.
         """
         check_name("holder", holder)
-        return int(self._fcall("tcpcp_claim", OriginKeys(origin), holder, seen_epoch,
-                               int(ttl_ms), durable=True))
+        epoch = self._fcall("tcpcp_claim", OriginKeys(origin), holder, seen_epoch, int(ttl_ms),
+                            durable=True)
+        return _decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt)
 
     # -- reads --
 
@@ -573,9 +594,11 @@ class CheckpointStore:
             return self._router.for_keys(keys).execute_command(
                 "FCALL_RO", "tcpcp_state", 4, *keys.all())
         epoch, owner, lease, pttl = self._call(f"state of origin {origin!r}", run)
-        return OriginState(origin=origin, epoch=int(epoch), owner=owner.decode() or None,
-                           lease_holder=lease.decode() or None,
-                           lease_ms_left=int(pttl) if int(pttl) >= 0 else None)
+        return OriginState(
+            origin=origin, epoch=_decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt),
+            owner=owner.decode(errors="replace") or None,
+            lease_holder=lease.decode(errors="replace") or None,
+            lease_ms_left=int(pttl) if int(pttl) >= 0 else None)
 
     def get_raw(self, origin: str, conn: str) -> bytes | None:
         keys = OriginKeys(origin)
@@ -597,7 +620,9 @@ class CheckpointStore:
 
         def run() -> dict[str, int]:
             client = self._router.for_keys(keys)
-            return {k.decode(): int(v) for k, v in client.hscan_iter(keys.versions, count=500)}
+            return {k.decode(errors="replace"): _decimal(v, f"version of {origin}/{k!r}",
+                                                         RecordCorrupt)
+                    for k, v in client.hscan_iter(keys.versions, count=500)}
         return dict(sorted(self._call(f"list origin {origin!r}", run).items()))
 
     def records(self, origin: str, count: int = 100) -> Iterator[ReadResult]:

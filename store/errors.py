@@ -42,6 +42,10 @@ class StoreUnavailable(StoreError):
     """Redis could not be reached, or the connection broke during an operation."""
 
 
+class StateCorrupt(StoreError):
+    """An origin's fencing state in Redis (its epoch) is malformed: written by something else."""
+
+
 # --- writes ----------------------------------------------------------------------------------
 
 
