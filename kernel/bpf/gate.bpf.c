@@ -148,7 +148,7 @@ int gate_egress(struct __sk_buff *skb)
 	__u32 end_seq = p.seq + p.payload_len + !!(p.flags & TCPF_SYN) + !!(p.flags & TCPF_FIN);
 	__u32 edge_in = p.ack + (p.window << shift);
 	__u32 scaled_ack = (p.flags & TCPF_ACK) && !(p.flags & TCPF_SYN);
-	__u32 old_edge = 0, old_ack = 0, old_kernel_ack = 0, old_kernel_edge = 0;
+	__u32 old_edge = 0, old_ack = 0, old_kernel_ack = 0, old_kernel_edge = 0, old_snd_nxt = 0;
 	int fresh = 0, dup;
 
 	if (!st) {
@@ -172,6 +172,7 @@ int gate_egress(struct __sk_buff *skb)
 		old_ack = *(volatile __u32 *)&st->ack_sent;
 		old_kernel_ack = *(volatile __u32 *)&st->kernel_ack;
 		old_kernel_edge = *(volatile __u32 *)&st->kernel_edge;
+		old_snd_nxt = *(volatile __u32 *)&st->snd_nxt;
 	}
 
 	if (p.flags & TCPF_ACK) {
@@ -197,11 +198,13 @@ int gate_egress(struct __sk_buff *skb)
 	/* A clamped pure ACK that repeats the ack and right edge already on the wire tells the peer
 	 * nothing but "duplicate": it would count it towards fast retransmit and raise its
 	 * reordering estimate, until real losses wait for its retransmission timer. Drop it, unless
-	 * the flow has been quiet for dup_holdoff_ns: then it answers a keepalive or window probe. */
+	 * the flow has been quiet for dup_holdoff_ns: then it answers a keepalive or window probe.
+	 * A keepalive or zero-window probe of our own (sequence before the highest one sent: the
+	 * kernel's ACKs carry snd_nxt, its probes snd_una - 1) always leaves. */
 	__u64 now = bpf_ktime_get_ns();
 
 	dup = st && !fresh && clamped && !(p.flags & (TCPF_SYN | TCPF_FIN | TCPF_RST)) &&
-	      p.payload_len == 0 && ack_out == old_ack &&
+	      p.payload_len == 0 && ack_out == old_ack && !before(p.seq, old_snd_nxt) &&
 	      (__u32)(ack_out + (win_out << shift)) == old_edge;
 	if (dup) {
 		__u32 zero = 0;

@@ -235,6 +235,17 @@ def read_pcap(path: Path) -> Iterator[Captured]:
                        pkt[l4 + 20:l4 + hlen], ip_end - l4 - hlen)
 
 
+def read_pcap_frames(path: Path) -> Iterator[tuple[float, bytes, bool]]:
+    """(time, Ethernet frame, complete) for every frame of a microsecond pcap; complete: the
+    whole frame was captured (its checksum can be verified)."""
+    data = path.read_bytes()
+    off = 24
+    while off + 16 <= len(data):
+        sec, usec, caplen, length = struct.unpack_from("<IIII", data, off)
+        yield sec + usec / 1e6, data[off + 16:off + 16 + caplen], caplen == length
+        off += 16 + caplen
+
+
 def option_kinds(options: bytes) -> list[int]:
     kinds, i = [], 0
     while i < len(options):

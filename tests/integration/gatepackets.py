@@ -206,7 +206,7 @@ class GateModel:
                            tsval_in, tsecr_in, int(ts is not None), ws, kernel_edge=edge)
             self.states[fid] = st
         old_edge, old_ack = st.rcv_edge, st.ack_sent
-        old_kernel_ack, old_kernel_edge = st.kernel_ack, st.kernel_edge
+        old_kernel_ack, old_kernel_edge, old_snd_nxt = st.kernel_ack, st.kernel_edge, st.snd_nxt
         ack_out, win_out, clamped, capped = s.ack, s.window, False, False
         scaled_ack = bool(s.flags & ACK) and not s.flags & SYN
         if s.flags & ACK:
@@ -222,9 +222,11 @@ class GateModel:
             win_out = min(need, 0xFFFF)
             if scaled_ack:
                 st.rcv_edge = seq_max(st.rcv_edge, (ack_out + (win_out << shift)) & MASK)
-        # a clamped pure ACK repeating what the wire already carries is dropped
+        # a clamped pure ACK repeating what the wire already carries is dropped (never a probe:
+        # keepalives and zero-window probes carry a sequence before the highest one sent)
         dup = (not fresh and clamped and not s.flags & (SYN | FIN | RST) and not s.payload
-               and ack_out == old_ack and (ack_out + (win_out << shift)) & MASK == old_edge)
+               and ack_out == old_ack and (ack_out + (win_out << shift)) & MASK == old_edge
+               and not before(s.seq, old_snd_nxt))
         st.snd_nxt = seq_max(st.snd_nxt, end_seq)
         if s.flags & ACK:
             # the kernel's own duplicate ACKs since its ack last moved (forced ACKs replay them)

@@ -300,6 +300,25 @@ def test_duplicate_clamped_ack_is_dropped_only_within_the_holdoff(gate: BpfObjec
         _set_holdoff(gate, 1 << 62)
 
 
+def test_keepalive_or_window_probe_leaves_clamped_even_within_the_holdoff(
+        gate: BpfObject) -> None:
+    """A probe (sequence snd_una - 1, before the highest sent) repeating the clamped ack and
+    edge is not a duplicate ACK to drop: it leaves, clamped, with a right checksum."""
+    fid = ("10.77.9.1", 80, "10.77.1.2", 40002)
+    opts = b"\x01\x01" + struct.pack("!BBII", 8, 10, 7, 9)
+    ack = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 50_000, ACK, 100, opts)
+    probe = Segment(fid[0], fid[2], fid[1], fid[3], 999, 50_000, ACK, 100, opts)
+    for m in (gate.map("gate_flows"), gate.map("gate_states")):
+        for key in list(m.keys()):
+            m.delete(key)
+    _set_config(gate, fid, FlowConfig(40_000, 7, 1))
+    runs = [gate.test_run("gate_egress", build_frame(seg)) for seg in (ack, ack, probe, probe)]
+    assert [r.retval for r in runs] == [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_OK, TC_ACT_OK]
+    for r in runs[2:]:
+        assert struct.unpack_from("!I", r.data, 14 + 20 + 8)[0] == 40_000
+        assert tcp_checksum_valid(r.data)
+
+
 def _syn_scenario(rng: random.Random) -> Iterator[Segment]:
     for _ in range(1500):
         version = rng.choice([4, 6])
