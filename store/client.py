@@ -54,7 +54,7 @@ from store.errors import (
     VersionNotNewer,
     WriteRefused,
 )
-from store.keys import META_PATTERN, OriginKeys, check_name, origin_of_meta_key
+from store.keys import META_PATTERN, OriginKeys, check_name, keys_of, origin_of_meta_key
 from store.record import Checkpoint, RecordHeader, decode, encode, read_header
 from store.signing import KeyRing
 
@@ -508,7 +508,7 @@ class CheckpointStore:
         Raises StaleEpoch, VersionNotNewer, TooManyRecords, DurabilityError, StoreUnavailable.
         """
         record = encode(cp, self.keys, self.limits)
-        (status,) = self._put_batches(OriginKeys(cp.origin), cp.epoch,
+        (status,) = self._put_batches(keys_of(cp.origin), cp.epoch,
                                       [[(cp.conn, cp.version, record)]])
         if status != "OK":
             raise _item_refusal(status, cp.origin, cp.conn, cp.version,
@@ -532,7 +532,7 @@ class CheckpointStore:
                     f"got ({cp.origin!r}, {cp.epoch})"
                 )
         items = [(cp.conn, cp.version, encode(cp, self.keys, self.limits)) for cp in cps]
-        statuses = self._put_batches(OriginKeys(origin), epoch, _chunks(items, batch))
+        statuses = self._put_batches(keys_of(origin), epoch, _chunks(items, batch))
         return [
             PutOutcome(cp.conn, cp.version, None if status == "OK" else _item_refusal(
                 status, origin, cp.conn, cp.version, self.limits.max_records_per_origin))
@@ -544,7 +544,7 @@ class CheckpointStore:
         names = [check_name("connection", c, key_safe=False) for c in conns]
         if not names:
             return 0
-        return int(self._fcall("tcpcp_delete", OriginKeys(origin), epoch, *names, durable=True))
+        return int(self._fcall("tcpcp_delete", keys_of(origin), epoch, *names, durable=True))
 
     def lease_acquire(self, origin: str, holder: str, ttl_ms: int) -> int:
         """Take the origin's lease (first owner becomes owner at epoch 1); returns the epoch.
@@ -552,7 +552,7 @@ class CheckpointStore:
         Raises LeaseHeld if another holder's lease is live, NotOwner if another holder owns it.
         """
         check_name("holder", holder)
-        epoch = self._fcall("tcpcp_lease_acquire", OriginKeys(origin), holder, int(ttl_ms),
+        epoch = self._fcall("tcpcp_lease_acquire", keys_of(origin), holder, int(ttl_ms),
                             durable=True)
         return _decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt)
 
@@ -564,12 +564,12 @@ class CheckpointStore:
         earlier than the holder believes: so it awaits durability too, and on DurabilityError
         the holder must count its lease from the last renewal that returned.
         """
-        self._fcall("tcpcp_lease_renew", OriginKeys(origin), holder, epoch, int(ttl_ms),
+        self._fcall("tcpcp_lease_renew", keys_of(origin), holder, epoch, int(ttl_ms),
                     durable=True)
 
     def lease_release(self, origin: str, holder: str, epoch: int) -> None:
         """Give the lease up at once (ownership and epoch stay)."""
-        self._fcall("tcpcp_lease_release", OriginKeys(origin), holder, epoch)
+        self._fcall("tcpcp_lease_release", keys_of(origin), holder, epoch)
 
     def claim(self, origin: str, holder: str, seen_epoch: int, ttl_ms: int) -> int:
         """Fence the origin: bump its epoch, become owner and lease holder; returns the epoch.
@@ -581,14 +581,14 @@ class CheckpointStore:
         been applied: state().owner == holder then says this claimer holds the origin.
         """
         check_name("holder", holder)
-        epoch = self._fcall("tcpcp_claim", OriginKeys(origin), holder, seen_epoch, int(ttl_ms),
+        epoch = self._fcall("tcpcp_claim", keys_of(origin), holder, seen_epoch, int(ttl_ms),
                             durable=True)
         return _decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt)
 
     # -- reads --
 
     def state(self, origin: str) -> OriginState:
-        keys = OriginKeys(origin)
+        keys = keys_of(origin)
 
         def run() -> Any:
             return self._router.for_keys(keys).execute_command(
@@ -601,7 +601,7 @@ class CheckpointStore:
             lease_ms_left=int(pttl) if int(pttl) >= 0 else None)
 
     def get_raw(self, origin: str, conn: str) -> bytes | None:
-        keys = OriginKeys(origin)
+        keys = keys_of(origin)
         def run() -> bytes | None:
             raw: Any = self._router.for_keys(keys).hget(keys.records, conn)
             return raw
@@ -616,7 +616,7 @@ class CheckpointStore:
 
     def connections(self, origin: str) -> dict[str, int]:
         """Connection name -> stored version, for every record of the origin."""
-        keys = OriginKeys(origin)
+        keys = keys_of(origin)
 
         def run() -> dict[str, int]:
             client = self._router.for_keys(keys)
@@ -627,7 +627,7 @@ class CheckpointStore:
 
     def records(self, origin: str, count: int = 100) -> Iterator[ReadResult]:
         """Every stored record of the origin, each verified or refused with its reason."""
-        keys = OriginKeys(origin)
+        keys = keys_of(origin)
         cursor: int = 0
         seen: set[bytes] = set()  # HSCAN may return a field twice while the hash rehashes
         while True:
@@ -662,4 +662,4 @@ class CheckpointStore:
 
     def client_for(self, origin: str) -> redis.Redis:
         """The raw Redis client serving `origin` (tests and tools only: bypasses all checks)."""
-        return self._router.for_keys(OriginKeys(origin))
+        return self._router.for_keys(keys_of(origin))

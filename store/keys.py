@@ -11,6 +11,7 @@ origin's keys share one slot and every Function call stays on one node:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from store.errors import StoreConfigError
@@ -75,6 +76,12 @@ class OriginKeys:
     def all(self) -> tuple[str, str, str, str]:
         """The keys in the order the Function library expects them."""
         return (self.meta, self.lease, self.records, self.versions)
+
+
+@functools.lru_cache(maxsize=4096)
+def keys_of(origin: str) -> OriginKeys:
+    """OriginKeys of `origin`, checked once and cached: every put needs them (hot path)."""
+    return OriginKeys(origin)
 
 
 def origin_of_meta_key(key: str | bytes) -> str | None:

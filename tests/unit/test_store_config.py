@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from store.config import Durability, DurabilityMode, StoreConfig
 from store.errors import SigningKeyError, StoreConfigError
-from store.keys import OriginKeys, check_name, origin_of_meta_key
+from store.keys import OriginKeys, check_name, keys_of, origin_of_meta_key
 from store.limits import Limits
 from store.signing import load_keyring, new_secret_hex, parse_keyring
 
@@ -83,6 +83,14 @@ def test_all_keys_of_an_origin_share_its_hash_tag(origin: str) -> None:
 def test_names_that_would_break_keys_or_patterns_are_refused(name: str) -> None:
     with pytest.raises(StoreConfigError):
         check_name("origin", name)
+
+
+@pytest.mark.parametrize("name", ["", "a{b", "a b", "x" * 256])
+def test_cached_origin_keys_refuse_bad_names_every_time(name: str) -> None:
+    for _ in range(2):  # a refusal is never cached as a value
+        with pytest.raises(StoreConfigError):
+            keys_of(name)
+    assert keys_of("origin-a") == OriginKeys("origin-a")
 
 
 def test_limits_must_be_positive() -> None:
