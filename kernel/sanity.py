@@ -63,8 +63,8 @@ def check(ici: Ici, policy: RestorePolicy) -> None:
         raise IciRejected("state", f"expected one of {allowed}, got {ici.state.name}")
     if ident.local_addr not in policy.packed:
         raise IciRejected("local address",
-                          f"{ident.local_ip} is not an address this host serves "
-                          f"({', '.join(sorted(map(str, policy.local_addresses))) or 'none'})")
+                          f"{ident.local_ip} is not an address this host serves (expected one "
+                          f"of: {', '.join(sorted(map(str, policy.local_addresses))) or 'none'})")
     if not _unicast(ident.peer_addr) or ident.peer_port == 0:
         raise IciRejected("peer", f"expected a unicast peer with a port, got "
                           f"{ident.peer_ip}:{ident.peer_port}")
@@ -73,24 +73,28 @@ def check(ici: Ici, policy: RestorePolicy) -> None:
     for name in ("snd_wscale", "rcv_wscale"):
         value = getattr(params, name)
         if value > TCP_MAX_WSCALE:
-            raise IciRejected("window scale", f"{name} must be <= {TCP_MAX_WSCALE}, got {value}")
-        if value and TcpOption.WSCALE not in params.options:
             raise IciRejected("window scale",
-                              f"{name} is {value} but window scaling was not negotiated")
+                              f"{name}: expected at most {TCP_MAX_WSCALE}, got {value}")
+        if value and TcpOption.WSCALE not in params.options:
+            raise IciRejected("window scale", f"{name}: expected 0 as window scaling was not "
+                              f"negotiated, got {value}")
     if win.max_window < win.snd_wnd:
-        raise IciRejected("window", f"max_window {win.max_window} < snd_wnd {win.snd_wnd}")
+        raise IciRejected("window", f"max_window: expected at least snd_wnd ({win.snd_wnd}), "
+                          f"got {win.max_window}")
     for name in ("snd_wnd", "max_window", "rcv_wnd"):
         if getattr(win, name) > MAX_WINDOW:
-            raise IciRejected("window", f"{name} must be <= {MAX_WINDOW}, got {getattr(win, name)}")
+            raise IciRejected("window",
+                              f"{name}: expected at most {MAX_WINDOW}, got {getattr(win, name)}")
     if after(win.rcv_wup, ici.rcv_nxt):
-        raise IciRejected("window", f"rcv_wup {win.rcv_wup} is after rcv_nxt {ici.rcv_nxt}")
+        raise IciRejected("window", f"rcv_wup: expected at or before rcv_nxt ({ici.rcv_nxt}), "
+                          f"got {win.rcv_wup}")
     if after(win.snd_wl1, seq_add(ici.rcv_nxt, win.rcv_wnd)):
-        raise IciRejected("window", f"snd_wl1 {win.snd_wl1} is after rcv_nxt + rcv_wnd "
-                          f"({ici.rcv_nxt} + {win.rcv_wnd})")
+        raise IciRejected("window", f"snd_wl1: expected at or before rcv_nxt + rcv_wnd "
+                          f"({ici.rcv_nxt} + {win.rcv_wnd}), got {win.snd_wl1}")
     send_queue = len(ici.sent) + len(ici.unsent)
     if send_queue > policy.max_send_queue:
-        raise IciRejected("send queue",
-                          f"{send_queue} bytes exceed the limit of {policy.max_send_queue}")
+        raise IciRejected("send queue", f"expected at most {policy.max_send_queue} bytes, "
+                          f"got {send_queue}")
     if len(ici.received) > policy.max_recv_queue:
-        raise IciRejected("receive queue",
-                          f"{len(ici.received)} bytes exceed the limit of {policy.max_recv_queue}")
+        raise IciRejected("receive queue", f"expected at most {policy.max_recv_queue} bytes, "
+                          f"got {len(ici.received)}")

@@ -5,6 +5,8 @@ every byte exactly once; also without timestamps, SACK or window scaling, over I
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import os
 import socket
@@ -12,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,11 @@ from typing import Any
 
 import pytest
 
+from kernel import codec
 from kernel.demo_server import EchoPeers, counting, raise_fd_limit
+from kernel.ici import Family, Ici, Identity, Params, TcpOption, TcpState, Timestamp, Window
 from kernel.passcli import pass_connections
+from kernel.passing import ABORT, Handoff, RestoreReport, decode_batch, encode_batch
 from ops.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -423,6 +429,78 @@ def test_a_garbled_transfer_is_refused_and_the_receiver_keeps_serving(
                 assert c.recv(100) == b""  # closed without restoring anything
     after = status(servers["standby"])
     assert after["conns"] == before["conns"]
+
+
+def handmade_ici(lab: Lab, family: int, peer_port: int) -> Ici:
+    """A sane ICI of a connection service:8080 -> peer:peer_port (nothing on the wire has it)."""
+    return Ici(
+        identity=Identity(Family(family), ipaddress.ip_address(lab.service(family)).packed,
+                          SERVICE_PORT, ipaddress.ip_address(lab.addr("peer", family)).packed,
+                          peer_port),
+        state=TcpState.ESTABLISHED,
+        params=Params(1448, 7, 7, TcpOption.TIMESTAMPS | TcpOption.SACK | TcpOption.WSCALE),
+        snd_una=1000, rcv_nxt=5000,
+        window=Window(snd_wl1=5000, snd_wnd=64000, max_window=64000, rcv_wnd=64000,
+                      rcv_wup=5000),
+        timestamp=Timestamp(123456, time.time_ns() // 1_000_000),
+    )
+
+
+def send_batch(lab: Lab, items: list[Handoff]) -> bytes:
+    """Offer a batch to standby's receiver as an origin would; returns its answer line (b""
+    if it hung up) and aborts the pass."""
+    batch = encode_batch(items)
+    with lab.enter("origin"):
+        ctl = socket.create_connection((lab.addr("standby", 4), RECEIVE_PORT), timeout=10)
+    with ctl:
+        ctl.sendall(struct.pack("!I", len(batch)) + batch)
+        answer = ctl.makefile("rb").readline()
+        if answer:
+            ctl.sendall(ABORT)
+            assert ctl.recv(100) == b""  # the receiver discarded everything and hung up
+    return answer
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_forged_icis_offered_to_the_receiver_are_refused_each_naming_its_fault(
+    lab: Lab, servers: dict[str, str], family: int,
+) -> None:
+    before = status(servers["standby"])
+    good = handmade_ici(lab, family, 45000 + family)
+    w = good.window
+    forged = [
+        dataclasses.replace(good, params=dataclasses.replace(good.params, rcv_wscale=15)),
+        dataclasses.replace(good, window=dataclasses.replace(w, max_window=w.snd_wnd - 1)),
+        dataclasses.replace(good, window=dataclasses.replace(w, rcv_wup=good.rcv_nxt + 1)),
+        dataclasses.replace(good, identity=dataclasses.replace(
+            good.identity, local_addr=ipaddress.ip_address(lab.addr("origin", family)).packed)),
+    ]
+    report = RestoreReport.from_json(send_batch(lab, [Handoff(f) for f in [good, *forged]]))
+    assert report.restored == (0,)  # control: the sane one was restored (then aborted)
+    reasons = dict(report.refused)
+    assert sorted(reasons) == [1, 2, 3, 4]
+    assert "rcv_wscale: expected at most 14, got 15" in reasons[1]
+    assert f"max_window: expected at least snd_wnd ({w.snd_wnd})" in reasons[2]
+    assert f"rcv_wup: expected at or before rcv_nxt ({good.rcv_nxt})" in reasons[3]
+    assert f"{lab.addr('origin', family)} is not an address this host serves" in reasons[4]
+
+    raw = bytearray(codec.encode(good))  # an ICI of a version this receiver does not know
+    raw[4:6] = struct.pack("!H", codec.VERSION + 1)
+    raw[-4:] = struct.pack("!I", zlib.crc32(raw[:-4]))
+    batch = bytearray(encode_batch([Handoff(good)]))
+    batch[10 : 14 + len(raw)] = struct.pack("!I", len(raw)) + raw
+    batch[-4:] = struct.pack("!I", zlib.crc32(batch[:-4]))
+    with pytest.raises(codec.IciDecodeError, match="version: expected 1, got 2"):
+        decode_batch(bytes(batch))  # what the receiver meets
+    with lab.enter("origin"):
+        ctl = socket.create_connection((lab.addr("standby", 4), RECEIVE_PORT), timeout=10)
+    with ctl:
+        ctl.sendall(struct.pack("!I", len(batch)) + batch)
+        assert ctl.makefile("rb").readline() == b""  # refused whole: no report, hung up
+    assert status(servers["standby"])["conns"] == before["conns"]
+    left = lab.run("standby", ["ss", "-Htan", f"dport = :{45000 + family}"],
+                   capture_output=True, text=True, check=True).stdout.strip()
+    assert left == "", f"the aborted restore left a socket: {left}"
 
 
 def test_passing_isolated_by_nftables_instead_of_the_gate_keeps_every_byte(

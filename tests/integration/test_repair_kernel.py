@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 
 import pytest
 
-from kernel import repair
+from kernel import codec, repair
 from kernel.ici import Ici
 from kernel.passing import Isolation, flow_of
 from kernel.sanity import IciRejected, RestorePolicy
@@ -197,27 +201,67 @@ def test_restore_takes_its_local_port_from_the_chosen_mode(on_origin: Lab,
     peer.close()
 
 
-def _forgeries(ici: Ici) -> dict[str, Ici]:
-    """Broken ICIs keyed by the reason the refusal must give."""
+def _forgeries(ici: Ici, foreign: str) -> dict[str, Ici]:
+    """Broken ICIs keyed by the reason the refusal must give (a regular expression)."""
     p, w, i = ici.params, ici.window, ici.identity
+    wup = (ici.rcv_nxt + 10) % 2**32
     return {
-        "snd_wscale must be <= 14, got 15": dataclasses.replace(
+        "window scale: snd_wscale: expected at most 14, got 15": dataclasses.replace(
             ici, params=dataclasses.replace(p, snd_wscale=15)),
-        "max_window": dataclasses.replace(
-            ici, window=dataclasses.replace(w, max_window=w.snd_wnd - 1)),
-        "rcv_wup": dataclasses.replace(
-            ici, window=dataclasses.replace(w, rcv_wup=(ici.rcv_nxt + 10) % 2**32)),
-        "10.77.2.11 is not an address this host serves": dataclasses.replace(
-            ici, identity=dataclasses.replace(i, local_addr=bytes([10, 77, 2, 11]))),
+        rf"window: max_window: expected at least snd_wnd \({w.snd_wnd}\), got {w.snd_wnd - 1}":
+            dataclasses.replace(ici, window=dataclasses.replace(w, max_window=w.snd_wnd - 1)),
+        rf"window: rcv_wup: expected at or before rcv_nxt \({ici.rcv_nxt}\), got {wup}":
+            dataclasses.replace(ici, window=dataclasses.replace(w, rcv_wup=wup)),
+        rf"local address: {foreign} is not an address this host serves \(expected one of: ":
+            dataclasses.replace(ici, identity=dataclasses.replace(
+                i, local_addr=ipaddress.ip_address(foreign).packed)),
     }
 
 
-def test_forged_icis_are_refused_and_leave_no_socket_or_packet(on_origin: Lab) -> None:
+def _corrupted(raw: bytes) -> dict[str, bytes]:
+    """Broken encodings keyed by the reason the refusal must give (a regular expression)."""
+    wrong_version = bytearray(raw[:-4])
+    wrong_version[4:6] = struct.pack("!H", codec.VERSION + 1)
+    resealed = bytes(wrong_version) + struct.pack("!I", zlib.crc32(wrong_version))
+    return {
+        rf"ICI field version: expected {codec.VERSION}, got {codec.VERSION + 1}": resealed,
+        rf"ICI field total length: expected {len(raw) - 9} \(the bytes given\), got {len(raw)}":
+            raw[:-9],
+    }
+
+
+_sockets_made: list[int] = []
+_counting_sockets: set[int] = set()
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event == "socket.__new__" and threading.get_ident() in _counting_sockets:
+        _sockets_made.append(1)
+
+
+sys.addaudithook(_audit)
+
+
+@contextlib.contextmanager
+def sockets_created() -> Iterator[list[int]]:
+    """Counts the sockets this thread creates inside the block (Python's audit events)."""
+    _sockets_made.clear()
+    _counting_sockets.add(threading.get_ident())
+    try:
+        yield _sockets_made
+    finally:
+        _counting_sockets.discard(threading.get_ident())
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_forged_icis_are_refused_before_any_socket_and_leave_no_packet(
+    on_origin: Lab, family: int,
+) -> None:
     lab = on_origin
-    port = PORT + 30
-    peer, origin = connect(lab, 4, port)
+    port = PORT + 30 + family
+    peer, origin = connect(lab, family, port)
     ici = repair.dump(origin)
-    policy = RestorePolicy.serving(lab.service(4))
+    policy = RestorePolicy.serving(lab.service(family))
     cap = lab.popen("standby", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode",
                                 "-w", "-", f"tcp port {port}"], stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE)
@@ -226,19 +270,28 @@ def test_forged_icis_are_refused_and_leave_no_socket_or_packet(on_origin: Lab) -
     try:
         fds_before = len(os.listdir("/proc/self/fd"))
         with lab.enter("standby"):
-            for reason, forged in _forgeries(ici).items():
-                with pytest.raises(IciRejected, match=reason):
-                    repair.restore(forged, policy)
-            listening = socket.socket()  # kernel-refused: repair mode on a listening socket
+            with sockets_created() as made:
+                for reason, raw in _corrupted(codec.encode(ici)).items():
+                    with pytest.raises(codec.IciDecodeError, match=reason):
+                        repair.restore(codec.decode(raw), policy)
+                for reason, forged in _forgeries(ici, lab.addr("standby", family)).items():
+                    with pytest.raises(IciRejected, match=reason):
+                        repair.restore(codec.decode(codec.encode(forged)), policy)
+            assert made == [], "a socket was created for an ICI the checks refuse"
+            with sockets_created() as made:  # control: the count sees restore's socket
+                repair.discard_restored(repair.restore(ici, policy))
+            assert made == [1]
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            listening = socket.socket(af)  # kernel-refused: repair mode on a listening socket
             listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listening.bind(("0.0.0.0", 0))
+            listening.bind(("0.0.0.0" if family == 4 else "::", 0))
             listening.listen()
             with pytest.raises(repair.RepairError, match=r"TCP_REPAIR=1 on .*EPERM"):
                 repair.restore(ici, policy, port_mode=repair.PortMode.PREBOUND, sock=listening)
             assert listening.fileno() == -1, "the refused socket was left open"
             # control: the capture does see this port (SYN out, RST back from the peer)
             with pytest.raises(ConnectionRefusedError):
-                socket.create_connection((lab.addr("peer", 4), port), timeout=5)
+                socket.create_connection((lab.addr("peer", family), port), timeout=5)
         assert len(os.listdir("/proc/self/fd")) == fds_before
         assert ss_lines(lab, "standby", port) == []
     finally:
