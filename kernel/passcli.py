@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from kernel import demo_server
+from kernel.passing import PassingError
 
 log = structlog.get_logger("tcpcp.pass")
 
@@ -35,19 +36,25 @@ def pass_connections(control: str, to: str, switch: Callable[[], None], *, count
     """Drive one pass through a demo server's control socket; switch() is step 8.
 
     Returns the server's final report ({"event": "passed", "passed": n, "refused": [...],
-    "timings_us": {...}} or {"event": "failed", "error": ...})."""
+    "timings_us": {...}} or {"event": "failed", "error": ...}); when switch() fails, the
+    origin is told to take its connections back and the failure is reported the same way
+    ({"event": "failed", "error": ..., "origin": the origin's own report})."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ctl:
         ctl.settimeout(timeout)
         ctl.connect(control)
         ctl.sendall(json.dumps({"cmd": "pass", "to": to, "count": count}).encode() + b"\n")
-        for msg in _lines(ctl):
+        lines = _lines(ctl)
+        for msg in lines:
             if msg.get("event") != "restored":
                 return msg
             try:
                 switch()
-            except BaseException:
+            except BaseException as exc:
                 ctl.sendall(json.dumps({"cmd": "abort"}).encode() + b"\n")  # origin resumes
-                raise
+                if not isinstance(exc, Exception):
+                    raise
+                return {"event": "failed", "error": f"traffic switch failed: {exc}",
+                        "origin": next(lines, {})}
             ctl.sendall(json.dumps({"cmd": "switched"}).encode() + b"\n")
     return {"event": "failed", "error": "control socket closed without an answer"}
 
@@ -57,7 +64,8 @@ def run_pass(args: argparse.Namespace) -> int:
         if args.switch_cmd:
             done = subprocess.run(args.switch_cmd, shell=True, check=False)
             if done.returncode != 0:
-                raise RuntimeError(f"--switch-cmd exited with {done.returncode}")
+                raise PassingError(f"--switch-cmd: expected exit status 0, got "
+                                   f"{done.returncode}")
             log.info("traffic_switched", cmd=args.switch_cmd)
         if args.lab and args.switch_to:
             from ops.lab import Lab

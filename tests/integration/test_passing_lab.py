@@ -362,7 +362,12 @@ def test_tcpcp_pass_resumes_connections_on_origin_when_the_switch_fails(
              "--control", servers["origin"], "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}",
              "--switch-cmd", "exit 3"],
             capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode != 0
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["event"] == "failed"
+        assert "--switch-cmd: expected exit status 0, got 3" in report["error"]
+        assert "resumed here" in report["origin"]["error"]
         time.sleep(0.3)
         assert status(servers["standby"])["conns"] == 0
         assert status(servers["origin"])["conns"] >= 3
