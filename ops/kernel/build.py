@@ -13,13 +13,16 @@ ignores the directory). A rebuild with nothing changed is an incremental `make`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,17 +221,30 @@ def configure(tree: Path) -> None:
     stamp_file.write_text(stamp)
 
 
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """One builder at a time per cache (parallel test processes share it)."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with (cache_dir() / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build(flavour: Flavour, jobs: int | None = None) -> BuiltKernel:
     """Build (or bring up to date) the flavour's bzImage; returns its path and the time taken."""
     start = time.monotonic()
-    tree = prepare_tree(flavour, ensure_source())
-    configure(tree)
-    logs = cache_dir() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    cc = ["CC=ccache gcc"] if shutil.which("ccache") else []
-    jobs = jobs or (os.cpu_count() or 1) + 1
-    _run(["make", f"-j{jobs}", *cc, "bzImage"], cwd=tree, env=_make_env(tree),
-         logfile=logs / f"{flavour.value}.log")
+    with cache_lock():
+        tree = prepare_tree(flavour, ensure_source())
+        configure(tree)
+        logs = cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        cc = ["CC=ccache gcc"] if shutil.which("ccache") else []
+        jobs = jobs or (os.cpu_count() or 1) + 1
+        _run(["make", f"-j{jobs}", *cc, "bzImage"], cwd=tree, env=_make_env(tree),
+             logfile=logs / f"{flavour.value}.log")
     built = BuiltKernel(flavour, tree / "arch" / "x86" / "boot" / "bzImage",
                         round(time.monotonic() - start, 1))
     log.info("kernel_built", flavour=flavour.value, path=str(built.bzimage), s=built.seconds)

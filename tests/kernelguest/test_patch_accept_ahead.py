@@ -17,7 +17,7 @@ from kernel import patch_gate, repair
 from kernel.patch_gate import PatchGate
 from kernel.sanity import RestorePolicy
 from kernel.seq import seq_add
-from tests.kernelguest.wire import Capture, VethPair, run_in, wait_until
+from ops.kernel.guestnet import Capture, VethPair, run_in, wait_until
 
 SIOCOUTQ = 0x5411
 

@@ -18,7 +18,7 @@ import pytest
 from kernel import patch_gate
 from kernel.patch_gate import CommitRefused, PatchGate
 from kernel.seq import after, seq_add, seq_diff
-from tests.kernelguest.wire import (
+from ops.kernel.guestnet import (
     TCP_INFO_STATE_FIN_WAIT1,
     TCP_INFO_STATE_FIN_WAIT2,
     TCP_SYN,

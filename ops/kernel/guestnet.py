@@ -1,6 +1,7 @@
-"""What the guest tests need around a TCP connection: two network namespaces joined by a veth
-pair at MTU 1500, sockets made inside them, an AF_PACKET capture of the segments on the peer's
-side of the wire, and a raw injector for segments the peer's stack would never send.
+"""What the guest tests and the guest benchmark need around a TCP connection: two network
+namespaces joined by a veth pair at MTU 1500, sockets made inside them, an AF_PACKET capture of
+the segments on the peer's side of the wire, and a raw injector for segments the peer's stack
+would never send.
 
     with VethPair() as pair:
         with Capture(pair.peer_ns, "eth0") as cap:
