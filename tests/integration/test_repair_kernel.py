@@ -98,6 +98,7 @@ def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
     assert recv_exactly(peer, 20_000) == counting(0, 20_000)
     down += 20_000
     time.sleep(0.05)
+    mss = origin.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     flow = flow_of(origin)
     with lab.enter("origin"):
         isolation = Isolation(table=f"iso{family}")
@@ -124,11 +125,68 @@ def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
         with pytest.raises(TimeoutError):
             peer.recv(1)  # nothing more: no byte twice
         assert sock.getsockname()[1] == port
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == mss > 1000
         sock.close()
         peer.close()
     finally:
         with lab.enter("origin"):
             isolation.close()
+
+
+def data_segment_sizes(pcap: bytes, sport: int) -> list[int]:
+    """Payload sizes of the IPv4 TCP segments from port sport in an Ethernet pcap capture."""
+    pos, sizes = 24, []
+    while pos + 16 <= len(pcap):
+        incl = struct.unpack_from("<I", pcap, pos + 8)[0]
+        frame = pcap[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        if struct.unpack_from("!H", frame, 12)[0] != 0x0800 or frame[23] != 6:
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        tcp = 14 + ihl
+        if struct.unpack_from("!H", frame, tcp)[0] == sport:
+            total = struct.unpack_from("!H", frame, 16)[0]
+            if payload := total - ihl - (frame[tcp + 12] >> 4) * 4:
+                sizes.append(payload)
+    return sizes
+
+
+def test_bytes_restored_as_sent_are_resent_in_full_sized_segments(on_origin: Lab) -> None:
+    """TCP_MAXSEG is set before connect: otherwise the restored send queue is cut by an MSS
+    derived from 536 and every retransmission of it goes out in small segments."""
+    lab = on_origin
+    port = PORT + 70
+    peer, origin = connect(lab, 4, port)
+    mss = origin.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    lab.partition("origin", ["peer"])  # at the gateway: origin's kernel believes it sent
+    try:
+        origin.sendall(counting(0, 8 * mss))  # within the initial window: all of it "sent"
+        time.sleep(0.05)
+        ici = repair.dump(origin, stay_in_repair=True)
+        repair.discard(origin)
+    finally:
+        lab.heal()
+    assert len(ici.sent) == 8 * mss and ici.unsent == b""
+    cap = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "96",
+                             "-w", "-", f"tcp src port {port}"], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+    assert cap.stderr is not None
+    cap.stderr.readline()  # "listening on eth0 ..."
+    try:
+        with lab.enter("standby"):
+            restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        lab.switch_route("standby")
+        sock = repair.activate(restored)
+        assert recv_exactly(peer, 8 * mss) == counting(0, 8 * mss)  # on the retransmit timer
+    finally:
+        time.sleep(0.2)
+        cap.terminate()
+        pcap = cap.communicate(timeout=5)[0]
+    sizes = data_segment_sizes(pcap, port)  # the peer's GRO may merge full segments
+    assert sum(sizes) >= 8 * mss
+    assert all(n % mss == 0 for n in sizes), f"resent as {sizes} with an mss of {mss}"
+    sock.close()
+    peer.close()
 
 
 def test_restored_timestamp_clock_continues_from_the_checkpoint(on_origin: Lab) -> None:
