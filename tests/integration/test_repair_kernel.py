@@ -84,6 +84,12 @@ def ss_lines(lab: Lab, host: str, port: int) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
+def total_retrans(sock: socket.socket) -> int:
+    """tcp_info's tcpi_total_retrans: segments this socket has retransmitted."""
+    return int(struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                        104), 100)[0])
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
     on_origin: Lab, family: int
@@ -110,12 +116,14 @@ def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
         repair.discard(origin)
         assert ici.received == counting(0, 30_000)
         assert ici.sent + ici.unsent == counting(20_000, 5_000)
+        assert ici.unsent, "the isolation returned errors to TCP: nothing of it left as sent"
         policy = RestorePolicy.serving(lab.service(family))
         with lab.enter("standby"):
             restored = repair.restore(ici, policy)
         lab.switch_route("standby")
         sock = repair.activate(restored)
         assert recv_exactly(peer, 5_000) == counting(20_000, 5_000)
+        assert total_retrans(sock) == 0, "unsent bytes went out as retransmissions"
         assert recv_exactly(sock, 30_000) == counting(0, 30_000)
         peer.sendall(counting(up, 100_000))
         sock.sendall(counting(down, 100_000))
