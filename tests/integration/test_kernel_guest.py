@@ -63,3 +63,15 @@ def test_the_stock_kernel_reports_the_option_absent_and_the_gate_falls_back_to_b
     assert run.verdict.outcome is Outcome.PASSED, f"{run.verdict.detail}\n{tail}"
     counts = _counts(run)
     assert counts["tests"] == 3 and counts["failures"] == counts["errors"] == 0, counts
+
+
+def test_a_failing_guest_command_is_reported_with_its_exit_status(stock: BuiltKernel) -> None:
+    run = boot(stock.bzimage, "echo about-to-fail; exit 7", timeout=120)
+    assert run.verdict.outcome is Outcome.FAILED and run.verdict.exit_code == 7
+    assert "about-to-fail" in run.serial_log
+
+
+def test_a_guest_that_hangs_is_stopped_and_reported_without_verdict(stock: BuiltKernel) -> None:
+    run = boot(stock.bzimage, "echo hanging; sleep 600", timeout=20)
+    assert run.verdict.outcome is Outcome.NO_VERDICT and "hang" in run.verdict.detail
+    assert "hanging" in run.serial_log and run.seconds < 60
