@@ -1,7 +1,7 @@
 """`tcpcp pass` (move live connections of a demo server to another host) and `tcpcp demo-server`.
 
     tcpcp pass --control /run/tcpcp-demo-origin.sock --to 10.77.2.11:7070 \\
-               --lab PREFIX --switch-to standby [--count N]
+               --lab PREFIX --switch-to standby
 
 asks the origin's demo server to isolate, dump and send its connections to the destination's
 receiver; once they are restored there it moves the traffic (the lab gateway's route, the
@@ -33,7 +33,8 @@ def _lines(sock: socket.socket) -> Iterator[dict[str, Any]]:
 
 def pass_connections(control: str, to: str, switch: Callable[[], None], *, count: int = 0,
                      timeout: float = 120.0) -> dict[str, Any]:
-    """Drive one pass through a demo server's control socket; switch() is step 8.
+    """Drive one pass through a demo server's control socket; switch() is step 8 (with a
+    count, it must move only the connections passed: the others stay on the origin).
 
     Returns the server's final report ({"event": "passed", "passed": n, "refused": [...],
     "timings_us": {...}} or {"event": "failed", "error": ...}); when switch() fails, the
@@ -101,7 +102,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--control", required=True, help="the origin demo server's control socket")
     p.add_argument("--to", help="destination receiver HOST:PORT (e.g. 10.77.2.11:7070)")
-    p.add_argument("--count", type=int, default=0, help="pass only this many (default: all)")
+    p.add_argument("--count", type=int, default=0,
+                   help="pass only this many (default: all); needs a --switch-cmd that moves "
+                   "just those connections")
     p.add_argument("--lab", help="lab prefix whose gateway route to switch (tcpcp lab up)")
     p.add_argument("--switch-to", help="lab host to route the service address to")
     p.add_argument("--switch-cmd", help="shell command that moves the traffic (step 8), run "
@@ -123,6 +126,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _checked_pass(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.to:
         p.error("--to HOST:PORT is required to pass connections")
+    if args.count and args.switch_to:
+        p.error("--count with --switch-to: expected all connections to move, since the route "
+                "switch sends every connection of the service address to the destination (the "
+                "ones left behind would be reset there); use --switch-cmd that moves only those")
     return run_pass(args)
 
 

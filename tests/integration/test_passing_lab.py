@@ -351,6 +351,22 @@ def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
         s.close()
 
 
+def test_tcpcp_pass_refuses_to_pass_some_connections_with_a_whole_route_switch(
+    lab: Lab, servers: dict[str, str],
+) -> None:
+    """Moving the service route moves every connection: passing only some of them that way
+    would leave the others to be reset by the destination (seen: 2 of 3 reset)."""
+    before = status(servers["origin"])
+    done = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "pass", "--control", servers["origin"],
+         "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}", "--count", "1",
+         "--lab", lab.prefix, "--switch-to", "standby"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--count with --switch-to: expected all connections to move" in done.stderr
+    assert status(servers["origin"])["conns"] == before["conns"]
+
+
 def test_tcpcp_pass_resumes_connections_on_origin_when_the_switch_fails(
     lab: Lab, servers: dict[str, str],
 ) -> None:
