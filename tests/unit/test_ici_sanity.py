@@ -22,6 +22,7 @@ from kernel.ici import (
 )
 from kernel.sanity import IciRejected, RestorePolicy, check
 from kernel.seq import seq_add
+from tests.unit.test_ici_codec import icis
 
 POLICY = RestorePolicy.serving("10.77.9.1", "fd77:9::1")
 ALL_OPTS = TcpOption.TIMESTAMPS | TcpOption.SACK | TcpOption.WSCALE
@@ -145,3 +146,11 @@ def test_a_scale_without_negotiated_window_scaling_is_refused(ici: Ici) -> None:
     with pytest.raises(IciRejected,
                        match="snd_wscale: expected 0 as window scaling was not negotiated, got 3"):
         check(bad, POLICY)
+
+
+@given(icis)
+def test_any_ici_is_either_accepted_or_rejected_with_a_reason(ici: Ici) -> None:
+    try:
+        check(ici, POLICY)
+    except IciRejected as exc:
+        assert exc.check and "expected" in str(exc)
