@@ -57,7 +57,8 @@ def _checkpoint_then_send_more(pair: VethPair, family: int, more: int
 
 
 def _restore(pair: VethPair, ici: repair.Ici, family: int, arm: bool,
-             commit: int | None = None, crash: socket.socket | None = None) -> socket.socket:
+             commit: int | None = None, crash: socket.socket | None = None,
+             window_probe: bool = True) -> socket.socket:
     def restore() -> socket.socket:
         if crash is not None:  # discarded right before the restore: no segment finds the gap
             repair.discard(crash)
@@ -66,7 +67,8 @@ def _restore(pair: VethPair, ici: repair.Ici, family: int, arm: bool,
             patch_gate.arm_accept_ahead(restored.sock)
         if commit is not None:  # gated before its first segment
             patch_gate.set_commit(restored.sock, commit)
-        return repair.activate(restored)  # its window probe makes the peer answer
+        # the window probe on leaving repair mode makes the peer answer with its ACK
+        return repair.activate(restored, window_probe=window_probe)
 
     return run_in(pair.origin_ns, restore)
 
@@ -87,6 +89,19 @@ def test_a_restored_socket_accepts_the_peers_ack_beyond_snd_nxt_and_reports_the_
             sock.sendall(b"next")
             client.settimeout(10)
             assert _recv_exactly(client, 4) == b"next"
+
+
+def test_without_any_probe_the_peers_next_data_segment_is_accepted_with_its_ack(
+        pair: VethPair) -> None:
+    ici, client, server = _checkpoint_then_send_more(pair, 4, more=3000)
+    with client:
+        sock = _restore(pair, ici, 4, arm=True, crash=server, window_probe=False)
+        with sock:
+            assert patch_gate.accept_ahead(sock) == patch_gate.AheadInfo(0, True)
+            client.sendall(b"hello")  # its ACK field is 3000 beyond the restored snd_nxt
+            sock.settimeout(10)
+            assert _recv_exactly(sock, 5) == b"hello"
+            assert patch_gate.accept_ahead(sock) == patch_gate.AheadInfo(3000, False)
 
 
 def test_without_the_option_the_peers_segments_are_dropped_as_acking_unsent_data(
