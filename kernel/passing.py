@@ -46,6 +46,8 @@ BATCH_MAGIC = b"TCPP"
 BATCH_VERSION = 1
 MAX_APP_STATE = 16 << 20
 MAX_BATCH_ITEMS = 1 << 20
+MAX_BATCH_BYTES = 1 << 30
+"""Largest transfer a receiver reads: a longer announced length is refused before reading."""
 _BATCH_HEAD = struct.Struct("!4sHI")
 _LEN = struct.Struct("!I")
 ACTIVATE, ABORT = b"ACTIVATE\n", b"ABORT\n"
@@ -455,6 +457,8 @@ def receive(
     live sockets with their application states; on ABORT discards them silently and returns [].
     """
     (n,) = _LEN.unpack(_recv_exact(ctl, 4))
+    if n > MAX_BATCH_BYTES:
+        raise PassingError(f"transfer length: expected at most {MAX_BATCH_BYTES} bytes, got {n}")
     items = decode_batch(_recv_exact(ctl, n))
     if isolation is not None:  # a connection coming back: stop dropping its packets here
         isolation.remove(h.ici.identity for h in items)

@@ -26,7 +26,14 @@ from kernel import codec
 from kernel.demo_server import EchoPeers, counting, raise_fd_limit
 from kernel.ici import Family, Ici, Identity, Params, TcpOption, TcpState, Timestamp, Window
 from kernel.passcli import pass_connections
-from kernel.passing import ABORT, Handoff, RestoreReport, decode_batch, encode_batch
+from kernel.passing import (
+    ABORT,
+    MAX_BATCH_BYTES,
+    Handoff,
+    RestoreReport,
+    decode_batch,
+    encode_batch,
+)
 from ops.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -448,6 +455,10 @@ def test_a_garbled_transfer_is_refused_and_the_receiver_keeps_serving(
                 c.sendall(junk)
                 c.shutdown(socket.SHUT_WR)
                 assert c.recv(100) == b""  # closed without restoring anything
+    with lab.enter("origin"), socket.create_connection(
+            (lab.addr("standby", 4), RECEIVE_PORT), timeout=5) as c:
+        c.sendall(struct.pack("!I", MAX_BATCH_BYTES + 1))  # announces too much: not waited for
+        assert c.recv(100) == b""
     after = status(servers["standby"])
     assert after["conns"] == before["conns"]
 
