@@ -27,6 +27,7 @@ from their SYN-ACK (`guard_listen`) wherever throughput under loss matters.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from collections.abc import Callable
@@ -58,6 +59,26 @@ DUPACK_REPLAY_MAX = 8
 _TFO_SYSCTL = "net/ipv4/tcp_fastopen"
 # TFO_SERVER_ENABLE | TFO_SERVER_COOKIE_NOT_REQD | TFO_SERVER_WO_SOCKOPT (include/net/tcp.h)
 _TFO_SERVER_BITS = 0x2 | 0x200 | 0x400
+GATE_PIN_ROOT = Path("/sys/fs/bpf/tcpcp")
+# The state a restarted gate takes over (walk_scratch is per-packet scratch, never pinned).
+PINNED_MAPS = ("gate_flows", "gate_states", "guarded_ports", "gate_settings")
+
+
+def mount_type(path: Path) -> str:
+    """File system type of the mount holding path ("bpf" for bpffs), from /proc/self/mounts."""
+    best, fstype = "", "none"
+    target = str(path.resolve()) if path.exists() else str(path)
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
+def on_bpffs(path: Path) -> bool:
+    return mount_type(path) == "bpf"
 
 
 def dupacks_to_replay(committed_seq: int, st: GateState) -> int:
@@ -125,8 +146,14 @@ class AckGate:
     """The egress gate on one interface, attached while the context is open."""
 
     def __init__(self, ifname: str, netns: str | None = None,
-                 priority: int = GATE_PRIORITY, dup_holdoff_s: float = DUP_HOLDOFF_S) -> None:
+                 priority: int = GATE_PRIORITY, dup_holdoff_s: float = DUP_HOLDOFF_S,
+                 pin_root: Path | None = None) -> None:
+        """pin_root (e.g. GATE_PIN_ROOT, on a mounted bpffs): keep the maps pinned under
+        pin_root/<netns inode>/<ifname>/ so a restarted process takes over the state and the
+        filters a killed one left behind (see `reattached`); None: the maps die with the gate."""
         self.ifname = ifname
+        self.pin_root = pin_root
+        self.reattached = False  # __enter__ found the pinned maps of an earlier gate
         self.dup_holdoff_s = dup_holdoff_s
         self.netns = netns
         self._priority = priority
@@ -139,9 +166,28 @@ class AckGate:
         self.log = log.bind(ifname=ifname, netns=netns)
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def pin_dir(self) -> Path | None:
+        """Where this gate's maps are pinned (None: not pinned)."""
+        if self.pin_root is None:
+            return None
+        ns = Path(f"/var/run/netns/{self.netns}") if self.netns else Path("/proc/self/ns/net")
+        return self.pin_root / str(ns.stat().st_ino) / self.ifname
+
+    def _pins(self) -> dict[str, str]:
+        pin_dir = self.pin_dir
+        if pin_dir is None:
+            return {}
+        if not on_bpffs(pin_dir):
+            raise GateError(f"expected {pin_dir} on a mounted bpffs (mount -t bpf bpf "
+                            f"/sys/fs/bpf), got {mount_type(pin_dir)}")
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        self.reattached = all((pin_dir / m).exists() for m in PINNED_MAPS)
+        return {m: str(pin_dir / m) for m in PINNED_MAPS}
+
     def __enter__(self) -> AckGate:
         try:
-            self._obj = BpfObject(bpfbuild.object_bytes("gate"), "gate")
+            self._obj = BpfObject(bpfbuild.object_bytes("gate"), "gate", pins=self._pins())
             self._flows = self._obj.map("gate_flows")
             self._states = self._obj.map("gate_states")
             self._ports = self._obj.map("guarded_ports")
@@ -149,15 +195,22 @@ class AckGate:
                                  dup_holdoff_ns=int(self.dup_holdoff_s * 1e9))
             self._obj.map("gate_settings").update(struct.pack("=I", 0), layout.to_bytes(holdoff))
             self._sender = RawSender(self.netns)
+            # pinned: take over the filters a killed gate left, in one step (no ungated gap)
+            pinned = self.pin_root is not None
             self._hook = TcHook(TcTarget(self.ifname, Direction.EGRESS, self._priority,
                                          self.netns),
-                                self._obj.program_fd("gate_egress"), "tcpcp_gate")
+                                self._obj.program_fd("gate_egress"), "tcpcp_gate",
+                                replace=pinned)
             self._syn_hook = TcHook(TcTarget(self.ifname, Direction.INGRESS, self._priority,
                                              self.netns),
-                                    self._obj.program_fd("gate_syn_ingress"), "tcpcp_gate_syn")
+                                    self._obj.program_fd("gate_syn_ingress"), "tcpcp_gate_syn",
+                                    replace=pinned)
         except BaseException:
-            self.detach()
+            self._teardown(unpin=not self.reattached)  # never lose a killed gate's state
             raise
+        if self.reattached:
+            self.log.info("gate_reattached", pin_dir=str(self.pin_dir),
+                          filter_taken_over=self._hook.took_over)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -165,10 +218,15 @@ class AckGate:
         self.detach()
 
     def detach(self) -> None:
-        """Remove the program from the interface and unload it; guarded flows become ungated.
+        """Remove the program from the interface and unload it (pinned maps are unpinned);
+        guarded flows become ungated.
 
         A process killed without detaching leaves the filter attached with its maps: its flows
-        stay gated at their last commit, which is the safe side."""
+        stay gated at their last commit, which is the safe side. With pin_root, the next gate on
+        the same interface and namespace takes them over."""
+        self._teardown(unpin=True)
+
+    def _teardown(self, unpin: bool) -> None:
         for hook in (self._syn_hook, self._hook):
             if hook is not None:
                 hook.detach()
@@ -177,8 +235,17 @@ class AckGate:
             self._sender.close()
             self._sender = None
         if self._obj is not None:
+            if unpin:
+                self._obj.unpin()
             self._obj.close()
             self._obj = None
+            pin_dir = None
+            with contextlib.suppress(OSError):  # the namespace may be gone already
+                pin_dir = self.pin_dir
+            if unpin and pin_dir is not None:
+                for d in (pin_dir, pin_dir.parent):
+                    with contextlib.suppress(OSError):  # not empty: other gates' pins
+                        d.rmdir()
         for key, value in self._sysctl_saved.items():
             try:
                 self._write_sysctl(key, value)

@@ -3,14 +3,16 @@ read and write map elements, run a program on a test packet (BPF_PROG_TEST_RUN).
 
 Every libbpf declaration used by tcpcp is in `_CDEF` below (layouts as in libbpf 1.1, Debian 12).
 Usage: `with BpfObject(elf_bytes, "gate") as obj: fd = obj.program_fd("gate_egress");
-m = obj.map("gate_flows"); m.update(key, value)`. Maps and programs live until `close()`.
+m = obj.map("gate_flows"); m.update(key, value)`. Maps and programs live until `close()`, except
+maps pinned in bpffs (`pins={"gate_flows": "/sys/fs/bpf/..."}`): a pinned map that already
+exists is reused with its contents, a new one is pinned there, and it lives until `unpin`.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -66,6 +68,8 @@ struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const
 int bpf_map__fd(const struct bpf_map *map);
 uint32_t bpf_map__key_size(const struct bpf_map *map);
 uint32_t bpf_map__value_size(const struct bpf_map *map);
+int bpf_map__set_pin_path(struct bpf_map *map, const char *path);
+int bpf_map__unpin(struct bpf_map *map, const char *path);
 
 int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
@@ -174,7 +178,7 @@ class BpfMap:
 class BpfObject:
     """A BPF ELF object opened from memory and loaded into the kernel; close() unloads it."""
 
-    def __init__(self, elf: bytes, name: str) -> None:
+    def __init__(self, elf: bytes, name: str, pins: Mapping[str, str] | None = None) -> None:
         self.name = name
         self._elf = ffi.from_buffer(elf)
         self._log = ffi.new("char[]", _LOG_SIZE)
@@ -190,6 +194,14 @@ class BpfObject:
             raise BpfLoadError(f"expected libbpf to open BPF object {name}, got "
                                f"{errno.errorcode.get(code, code)}")
         self._obj: Any = obj
+        self._pins = dict(pins or {})
+        for map_name, path in self._pins.items():
+            rc = lib().bpf_map__set_pin_path(self._find_map(map_name), path.encode())
+            if rc < 0:
+                lib().bpf_object__close(obj)
+                self._obj = None
+                raise LibbpfError(f"expected to pin map {map_name} at {path}, got "
+                                  f"{errno.errorcode.get(-rc, -rc)}")
         rc = lib().bpf_object__load(obj)
         if rc < 0:
             verifier = ffi.string(self._log).decode(errors="replace")
@@ -206,11 +218,22 @@ class BpfObject:
             raise LibbpfError(f"expected program {name} in BPF object {self.name}, found none")
         return _check(lib().bpf_program__fd(prog), f"fd of program {name}")
 
-    def map(self, name: str) -> BpfMap:
-        """The map called name."""
+    def _find_map(self, name: str) -> Any:
         m = lib().bpf_object__find_map_by_name(self._live(), name.encode())
         if m == ffi.NULL:
             raise LibbpfError(f"expected map {name} in BPF object {self.name}, found none")
+        return m
+
+    def unpin(self) -> None:
+        """Remove the bpffs pins of this object's pinned maps (they die with the object)."""
+        for map_name in self._pins:
+            rc = lib().bpf_map__unpin(self._find_map(map_name), ffi.NULL)
+            if rc < 0 and rc != -errno.ENOENT:
+                _check(rc, f"unpin of map {map_name}")
+
+    def map(self, name: str) -> BpfMap:
+        """The map called name."""
+        m = self._find_map(name)
         fd = _check(lib().bpf_map__fd(m), f"fd of map {name}")
         return BpfMap(name, fd, lib().bpf_map__key_size(m), lib().bpf_map__value_size(m))
 

@@ -2,7 +2,9 @@
 direct-action mode, by fd) and detach it again, with pyroute2 netlink (never the `tc` command).
 
 `TcHook` is a context manager: the filter is removed on exit, and so is the clsact qdisc when this
-hook created it and no other filter is left on it.
+hook created it (or took over the filter a killed process left there) and no other filter is left
+on it. `replace=True` swaps the program of a filter already at the same place and priority in one
+netlink request, so no packet passes unfiltered between the old program and the new one.
 """
 
 from __future__ import annotations
@@ -65,11 +67,12 @@ def _filters(ipr: IPRoute, index: int, parent: int) -> list[Any]:
 class TcHook:
     """A BPF program attached at one interface and direction while the hook is open."""
 
-    def __init__(self, target: TcTarget, prog_fd: int, name: str) -> None:
+    def __init__(self, target: TcTarget, prog_fd: int, name: str, replace: bool = False) -> None:
         self.target = target
         self.name = name
         self._created_qdisc = False
         self._attached = False
+        self.took_over = False  # replace=True found a filter of the same name there
         with _ipr(target.netns) as ipr:
             index = _index(ipr, target)
             try:
@@ -79,8 +82,12 @@ class TcHook:
                 if exc.code != 17:  # EEXIST: someone's clsact is already there, share it
                     raise TcFilterError(f"expected to add clsact on {target.ifname}, got {exc}"
                                         ) from exc
+            if replace:
+                self.took_over = self._has_filter_named(ipr, index)
+                self._created_qdisc = self._created_qdisc or self.took_over
             try:
-                ipr.tc("add-filter", "bpf", index, ":1", fd=prog_fd, name=name,
+                ipr.tc("replace-filter" if replace else "add-filter", "bpf", index, ":1",
+                       fd=prog_fd, name=name,
                        parent=target.direction.value, prio=target.priority,
                        protocol=_ETH_P_ALL, classid=1, direct_action=True)
             except NetlinkError as exc:
@@ -91,6 +98,14 @@ class TcHook:
         self._attached = True
         log.info("tc_attached", program=name, ifname=target.ifname, netns=target.netns,
                  direction=target.direction.name.lower(), prio=target.priority)
+
+    def _has_filter_named(self, ipr: IPRoute, index: int) -> bool:
+        for f in _filters(ipr, index, self.target.direction.value):
+            opts = f.get_attr("TCA_OPTIONS")
+            bpf_name = opts.get_attr("TCA_BPF_NAME") if opts else None
+            if f["info"] >> 16 == self.target.priority and bpf_name and self.name in bpf_name:
+                return True
+        return False
 
     def _remove_qdisc_if_ours(self, ipr: IPRoute, index: int) -> None:
         if not self._created_qdisc:
