@@ -8,6 +8,8 @@ has committed them (DESIGN.md section 4).
         gate.freeze(flow) / gate.thaw(flow)   # drop / let through every egress segment
         gate.counters(flow); gate.state(flow); gate.forget(flow)
 
+    AckGate("eth0", netns=..., pin_root=GATE_PIN_ROOT)   # state survives a killed process
+
 The BPF program (kernel/bpf/gate.bpf.c) does the rewriting at tc egress; this class writes its
 configuration map, reads its state map and sends the forced ACKs (kernel/forced_ack.py). A second,
 small program at tc ingress takes the SACK-permitted option out of SYNs to guarded ports.
@@ -21,8 +23,18 @@ egress (the peer never expects blocks). Unguarded connections in the namespace k
 
 A flow guarded mid-connection (`guard` on an established socket) has SACK negotiated already and
 keeps it: it cannot be renegotiated, and its blocks are stripped like any other. Its peer then
-recovers losses of the bytes it sends us only by its retransmission timer; guard connections
-from their SYN-ACK (`guard_listen`) wherever throughput under loss matters.
+recovers losses of the bytes it sends us only by its retransmission timer (measured, lab, 10
+uploads of 50 MB losing 1 in 4096 data segments: 83 timeouts and 24 s, against 0-2 timeouts and
+5 s for flows guarded from the SYN-ACK; no stall on a loss-free path); guard connections from
+their SYN-ACK (`guard_listen`) wherever throughput under loss matters.
+
+While the commit is behind a hole the kernel's duplicate ACKs are clamped below it, so the peer
+cannot count them; a commit that reaches the hole repeats them (`dupacks_to_replay`).
+
+With pin_root the maps live in bpffs and a killed process leaves filters and maps in place (flows
+held at their last commit); the next gate on the same interface and namespace reuses the maps and
+swaps its programs into the filters. What it cannot take over: the TCP Fast Open setting saved by
+the first `guard_listen`, so after a restart a clean detach leaves Fast Open's server side off.
 """
 
 from __future__ import annotations
