@@ -4,6 +4,9 @@ commit-to-ACK latency on the wire.
 Inside the guest:  python -m ops.kernel.bench_guest [--size N] [--runs N] [--messages N]
 From the host:     python -m ops.kernel.bench_guest --boot   (builds the patched kernel, boots
                    it, runs itself inside, prints the figures, writes bench/kernel_guest.json)
+--with-bpf also runs the eBPF gate's bench (`tcpcp bench ackgate`, its own lab and its default
+commit policy) in the same guest, so both backends are measured on the same kernel; its figures
+go under "bpf" next to "patch".
 
 Throughput: the peer uploads --size bytes to the origin over a veth pair at MTU 1500; the
 origin reads with 1 MiB buffers (timed from accept to end of stream). Gated: the origin commits
@@ -179,15 +182,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--boot", action="store_true",
                         help="on the host: build and boot the patched kernel, run inside")
+    parser.add_argument("--with-bpf", action="store_true",
+                        help="also run `tcpcp bench ackgate` (eBPF gate) in the same guest")
     parser.add_argument("--output", type=Path, default=Path("bench/kernel_guest.json"))
     args = parser.parse_args(argv)
     if args.boot:
         return _boot_and_run(args)
-    figures = measure(args.size, args.runs, args.messages)
-    _print(figures)
+    figures: dict[str, object] = {"patch": measure(args.size, args.runs, args.messages)}
+    if args.with_bpf:
+        figures["bpf"] = _bpf_bench(args)
+    for backend, values in figures.items():
+        print(f"== backend {backend}")
+        _print(values)  # type: ignore[arg-type]
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+def _bpf_bench(args: argparse.Namespace) -> dict[str, object]:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ackgate.json"
+        subprocess.run([sys.executable, "-m", "ops.cli", "bench", "ackgate", "--size",
+                        str(args.size), "--runs", str(args.runs), "--messages",
+                        str(args.messages), "--output", str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+        figures: dict[str, object] = {"backend": "bpf", **json.loads(out.read_text())}
+    return figures
 
 
 def _boot_and_run(args: argparse.Namespace) -> int:
@@ -199,7 +222,8 @@ def _boot_and_run(args: argparse.Namespace) -> int:
     kernel = build(Flavour.PATCHED)
     command = (f".venv/bin/python -m ops.kernel.bench_guest --size {args.size} "
                f"--runs {args.runs} --messages {args.messages} "
-               "--json $TCPCP_JOB_DIR/kernel_guest.json")
+               "--json $TCPCP_JOB_DIR/kernel_guest.json"
+               + (" --with-bpf" if args.with_bpf else ""))
     run = boot(kernel.bzimage, command, timeout=1800)
     raw = run.files.get("kernel_guest.json")
     if not run.verdict.passed or raw is None:
@@ -207,7 +231,9 @@ def _boot_and_run(args: argparse.Namespace) -> int:
               f"log {run.log_path}", file=sys.stderr)
         return 1
     figures = json.loads(raw)
-    _print(figures)
+    for backend, values in figures.items():
+        print(f"== backend {backend}")
+        _print(values)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -105,7 +105,9 @@ def job_script(command: str, cwd: Path, env: dict[str, str]) -> str:
 
 
 def qemu_command(bzimage: Path, initrd: Path, job_dir: Path, smp: int, mem_mb: int) -> list[str]:
-    append = "console=ttyS0 panic=-1 oops=panic loglevel=4"
+    # tsc=reliable: without it the TSC watchdog under TCG can demote the clock to jiffies
+    # (4 ms resolution), which ruins every latency figure taken in the guest
+    append = "console=ttyS0 panic=-1 oops=panic loglevel=4 tsc=reliable"
     return [QEMU, "-nodefaults", "-no-user-config", "-machine", "pc", "-cpu", "max",
             "-smp", str(smp), "-m", str(mem_mb), "-kernel", str(bzimage),
             "-initrd", str(initrd), "-append", append, "-no-reboot", "-display", "none",
