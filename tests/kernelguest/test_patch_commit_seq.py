@@ -231,3 +231,24 @@ def test_a_stream_committed_as_it_is_read_arrives_intact(pair: VethPair, family:
         wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
                    what="everything acknowledged to the peer")
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+
+def test_disconnecting_a_gated_socket_clears_its_gate(pair: VethPair) -> None:
+    gate = PatchGate()
+    server, client = pair.connect(4, guard_listen=True)
+    with server, client:
+        assert gate.config(server).gated
+        _disconnect(server)
+        info = gate.config(server)
+        assert not info.gated and info.commit_seq == 0
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """connect(AF_UNSPEC): the kernel's tcp_disconnect()."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    unspec = (ctypes.c_ubyte * 16)()  # struct sockaddr with sa_family = AF_UNSPEC (0)
+    if libc.connect(sock.fileno(), unspec, 16) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
