@@ -202,6 +202,10 @@ class Lab:
                 if h.name == "origin":
                     self._add_service(ipr, eth)
         self._route_service_via("origin")
+        for h in self.hosts.values():
+            ports = [x.gw_port for x in self.hosts.values() if x.gw_port] if h.name == "gw" \
+                else ["eth0"]
+            netns.steer_flows(h.netns, [p for p in ports if p])
         # accept a gratuitous ARP at once, however recently the entry was updated
         netns.sysctl_write(gw.netns, "net.ipv4.neigh.br0.locktime", "0")
 

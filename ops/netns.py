@@ -186,3 +186,19 @@ def assert_inside_lab() -> None:
         raise OutsideLabError(
             "expected to run inside a lab host (use lab.call/lab.enter), but this thread is in "
             "no named network namespace (the machine's own, probably)")
+
+
+def steer_flows(name: str, interfaces: Sequence[str]) -> None:
+    """Turn RPS on for `interfaces` in namespace `name`, over every CPU.
+
+    A veth pair delivers a packet on the CPU that sent it, so two segments of one flow sent
+    from two CPUs (the kernel's ACK from a softirq, a forced ACK from a thread) can overtake
+    each other: a reordering no real NIC with receive-side scaling does. RPS hashes each flow
+    to one CPU and keeps it in order. /sys shows the namespace's devices only when mounted from
+    inside it, hence the private mount namespace of the child."""
+    mask = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    script = " ; ".join(
+        f"for q in /sys/class/net/{ifname}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"
+        for ifname in interfaces)
+    run(name, ["unshare", "--mount", "sh", "-ec",
+               f"mount -t sysfs sysfs /sys; {script}"], check=True, capture_output=True)

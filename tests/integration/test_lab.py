@@ -277,3 +277,13 @@ def test_attaching_to_a_lab_from_another_process_keeps_its_owner(lab: Lab) -> No
     with Lab(stores=1):
         pass  # sweeping after the attaching process exited must leave this lab alone
     assert all(netns.exists(h.netns) for h in lab.hosts.values())
+
+
+def test_every_lab_link_keeps_each_flow_on_one_cpu(lab: Lab) -> None:
+    """RPS on every veth end: a flow's segments cannot overtake each other across CPUs."""
+    for host, ifname in (("origin", "eth0"), ("peer", "eth0"), ("gw", "p-origin"),
+                         ("gw", "v-peer")):
+        out = lab.run(host, ["unshare", "--mount", "sh", "-ec",
+                             f"mount -t sysfs sysfs /sys; cat /sys/class/net/{ifname}/queues/"
+                             "rx-0/rps_cpus"], capture_output=True, text=True, check=True).stdout
+        assert int(out.strip().replace(",", ""), 16) == (1 << (os.cpu_count() or 1)) - 1
