@@ -145,7 +145,11 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_failover_in_the_lab
                         time.sleep(0.02)
                     if i > 300 and not failed_over_at and _sentinel_master(sentinels) == {new}:
                         failed_over_at = i
-                        primary.restart()  # back empty; the Sentinels make it a replica
+                        # The crashed primary stays down; a fresh, empty replica joins (for
+                        # WAIT 1) that is never elected (replica-priority 0): a failover to an
+                        # empty server wipes every replica. Restarting the old primary empty
+                        # did that when the loaded machine made Sentinels think `new` down.
+                        redis_factory("store3", replicaof=replica, replica_priority="0")
             return acknowledged, refused, failed_over_at
 
         acknowledged, refused, failed_over_at = lab.call("origin", scenario)

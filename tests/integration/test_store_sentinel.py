@@ -35,7 +35,13 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
         replica = LocalRedis({"replicaof": f"127.0.0.1 {primary.port}"})
         with running(replica):
             replicas_acknowledging(primary, 1)
-            sentinels = start_sentinels(primary, SERVICE)
+            sentinels = start_sentinels(primary, SERVICE, down_after_ms=1000)
+            # The crashed primary stays down; after the failover a fresh, empty replica joins
+            # (for WAIT 1). It must never be elected (replica-priority 0): a failover to an empty
+            # server wipes every replica. Restarting the old primary empty did exactly that when
+            # the loaded machine made the Sentinels think the new primary down.
+            fresh = LocalRedis({"replicaof": f"127.0.0.1 {replica.port}",
+                                "replica-priority": "0"})
             try:
                 config = StoreConfig.sentinel(
                     SERVICE, [("127.0.0.1", s.port) for s in sentinels],
@@ -43,7 +49,6 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                 acknowledged: list[Checkpoint] = []
                 refused: list[str] = []
                 failed_over_at: int | None = None
-                restarted = False
                 with CheckpointStore.connect(config, keyring) as store:
                     epoch = store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=600_000)
                     deadline = time.monotonic() + 60
@@ -67,9 +72,8 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                                 sentinel_master_port(s, SERVICE) == replica.port
                                 for s in sentinels):
                             failed_over_at = i  # every Sentinel names the new primary
-                        if failed_over_at is not None and not restarted:
-                            primary.start()  # comes back empty; Sentinel makes it a replica
-                            restarted = True
+                        if failed_over_at is not None and fresh.proc is None:
+                            fresh.start()
                 print(f"puts attempted={i} acknowledged={len(acknowledged)} "
                       f"refused={len(refused)} failover seen at put {failed_over_at}")
                 assert sentinel_master_port(sentinels[0], SERVICE) == replica.port
@@ -81,5 +85,6 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_sentinel_failover(
                         got = stored[written.conn]
                         assert got.error is None and got.checkpoint == written
             finally:
+                fresh.close()
                 for s in sentinels:
                     s.close()
