@@ -2,8 +2,9 @@
 
 Runs in its own lab (MTU 1500). Throughput: the peer uploads --size bytes to the origin, whose
 receiver reads with 1 MiB buffers (timed from accept to end of stream); ungated (no gate
-attached, the namespace's defaults) and gated (gate attached, guarded port, so SACK and server
-TFO off; the default commit policy: idle flush + 5 ms timer, forced ACK on every commit)
+attached, the namespace's defaults) and gated (gate attached, guarded port: no SACK for the
+flow, server TFO off; the default commit policy: idle flush + 5 ms timer, forced ACK on every
+commit)
 alternate --runs times in the same run; throughput_ratio = median gated / median ungated MB/s.
 Latency: on a guarded connection the peer sends --messages messages of 1000 bytes, 2 ms apart;
 the origin commits each as soon as it has read it. A capture on the gateway (outside the origin)

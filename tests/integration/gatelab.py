@@ -4,6 +4,8 @@ a reader for the capture and a lossy link (a gateway program dropping random dat
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import hashlib
 import os
 import select
@@ -26,10 +28,13 @@ from checkpointer.commit_policy import (
     decide,
     next_deadline,
 )
+from kernel import repair
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
+from kernel.ici import TcpOption
 from kernel.tcfilter import Direction, TcHook, TcTarget
 from ops import labfilter
+from ops.lab import Lab
 from ops.labfilter import Insn
 
 UPLOADER = r"""
@@ -319,3 +324,78 @@ class LossyLink:
         if self._hook is not None:
             self._hook.detach()
             self._hook = None
+
+
+# ---------------------------------------------------------------------- uploads by guard mode
+class Guarding(enum.Enum):
+    """How an upload's connection is gated."""
+
+    UNGATED = "ungated"  # no gate attached: the namespace's defaults (SACK on)
+    FROM_SYN_ACK = "from-syn-ack"  # guarded port: no SACK negotiated
+    MID_CONNECTION = "mid-connection"  # guarded after accept: SACK negotiated, blocks stripped
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCounters:
+    """The peer's (sender's) TCP counters, or their change over a run."""
+
+    timeouts: int
+    reno_recoveries: int
+    sack_recoveries: int
+    retrans_segs: int
+
+    def __sub__(self, before: PeerCounters) -> PeerCounters:
+        return PeerCounters(self.timeouts - before.timeouts,
+                            self.reno_recoveries - before.reno_recoveries,
+                            self.sack_recoveries - before.sack_recoveries,
+                            self.retrans_segs - before.retrans_segs)
+
+
+_PEER_COUNTERS = ("TcpExtTCPTimeouts", "TcpExtTCPRenoRecovery", "TcpExtTCPSackRecovery",
+                  "TcpRetransSegs")
+
+
+def peer_counters(lab_run: object) -> PeerCounters:
+    return PeerCounters(*(nstat(lab_run, "peer", c) for c in _PEER_COUNTERS))
+
+
+def guard_then_read(srv: socket.socket, gate: AckGate, policy: CommitPolicy,
+                    out: Received) -> Received:
+    """Accept, guard the established connection from its current rcv_nxt, tell the peer to go
+    (one byte) and read it to the end, committing by policy."""
+    srv.settimeout(60)
+    conn, peer = srv.accept()
+    flow = Flow.of(conn.getsockname()[:2], peer[:2])
+    ici = repair.dump(conn)
+    assert ici.params.options & TcpOption.SACK, "expected SACK negotiated on an unguarded port"
+    gate.guard(flow, ici.rcv_nxt, ici.params.rcv_wscale)
+    conn.sendall(b"g")
+    return read_gated(conn, flow, ici.rcv_nxt, gate, policy, out)
+
+
+def upload(lab: Lab, port: int, size: int, guarding: Guarding,
+           policy: CommitPolicy | None = None) -> Received:
+    """One upload of size bytes from the peer to the origin, checked intact end to end."""
+    policy = policy or CommitPolicy()
+    with contextlib.ExitStack() as stack:
+        gate = None
+        if guarding is not Guarding.UNGATED:
+            gate = stack.enter_context(AckGate("eth0", netns=lab.netns("origin")))
+        if guarding is Guarding.FROM_SYN_ACK:
+            assert gate is not None
+            gate.guard_listen(port)
+        srv = lab.call("origin", listener, 4, port)
+        stack.callback(srv.close)
+        out = Received()
+        if guarding is Guarding.MID_CONNECTION:
+            fut = lab.submit("origin", guard_then_read, srv, gate, policy, out)
+        else:
+            fut = lab.submit("origin", receive_gated, srv, gate, policy, out, 120.0)
+        client = lab.run("peer", uploader_argv(lab.service(4), port, size,
+                                               wait_for_go=guarding is Guarding.MID_CONNECTION),
+                         capture_output=True, text=True, timeout=180)
+        got = fut.result(timeout=180)
+    assert client.returncode == 0, client.stderr
+    assert (got.nbytes, got.sha256) == (size, expected_sha256(size))
+    assert client.stdout.strip() == got.sha256
+    return got
