@@ -16,24 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
+from ops import gatelab as G
 from ops.lab import Lab
-
-
-def _gatelab() -> ModuleType:
-    """The gate's lab helpers (tests/integration/gatelab.py): this bench runs from a checkout,
-    whose root the installed `tcpcp` script does not put on sys.path."""
-    root = str(Path(__file__).resolve().parents[2])
-    if root not in sys.path:
-        sys.path.append(root)
-    return importlib.import_module("tests.integration.gatelab")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("bench/gateloss.json"))
 
 
-def _measure(lab: Lab, guarding: object, runs: int, size: int,
+def _measure(lab: Lab, guarding: G.Guarding, runs: int, size: int,
              ports: itertools.count[int]) -> dict[str, float]:
-    G = _gatelab()
     before, t0 = G.peer_counters(lab.run), time.monotonic()
     for _ in range(runs):
         G.upload(lab, next(ports), size, guarding)
@@ -55,7 +43,6 @@ def _measure(lab: Lab, guarding: object, runs: int, size: int,
 
 
 def run(args: argparse.Namespace) -> int:
-    G = _gatelab()
     results: dict[str, dict[str, dict[str, float]]] = {"clean": {}, "lossy": {}}
     ports = itertools.count(6100)
     with Lab(stores=1) as lab:

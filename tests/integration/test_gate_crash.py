@@ -17,8 +17,8 @@ from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.quarantine import Quarantine
 from kernel.sanity import RestorePolicy
+from ops import gatelab as G
 from ops.lab import Lab
-from tests.integration import gatelab as G
 
 PORT = 5500
 SENT, COMMITTED, READ = 100_000, 40_000, 50_000  # held bytes stay under a cwnd

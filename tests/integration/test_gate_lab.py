@@ -20,9 +20,9 @@ from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.ici import TcpOption
 from kernel.seq import after, seq_diff
+from ops import gatelab as G
 from ops import netns
 from ops.lab import Lab
-from tests.integration import gatelab as G
 from tests.integration import gatepackets as G_packets
 
 UPLOAD = 50_000_000

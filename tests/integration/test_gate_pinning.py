@@ -20,8 +20,8 @@ from pyroute2 import IPRoute
 
 from kernel.bpf.layout import Flow
 from kernel.tcfilter import Direction
+from ops import gatelab as G
 from ops.lab import Lab
-from tests.integration import gatelab as G
 
 PORT = 5800
 REPO = Path(__file__).resolve().parents[2]

@@ -20,9 +20,9 @@ import pytest
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.seq import seq_diff
+from ops import gatelab as G
 from ops import netns
 from ops.lab import Lab
-from tests.integration import gatelab as G
 from tests.integration import gatepackets as P
 
 HELD, COMMITTED = 6000, 2000  # the peer's first bytes: all read, only COMMITTED committed

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from kernel.gate import AckGate
+from ops import gatelab as G
 from ops.lab import Lab
-from tests.integration import gatelab as G
 
 UPLOAD = 50_000_000
 UPLOADS = 10

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from kernel.bpf.layout import Flow
 from kernel.quarantine import Observation, Quarantine
+from ops import gatelab as G
 from ops import netns
 from ops.lab import Lab
-from tests.integration import gatelab as G
 
 PORT = 5400
 SYN, RST = 0x02, 0x04

@@ -1,6 +1,7 @@
-"""Lab helpers for the ACK-gate tests and benchmark: a gated receiver that commits by a
-CommitPolicy, an uploader run in the peer, a capture taken on the gateway (outside the origin),
-a reader for the capture and a lossy link (a gateway program dropping random data segments)."""
+"""Lab helpers for the ACK-gate tests and benchmarks (ops/bench/gateloss.py): a gated receiver
+that commits by a CommitPolicy, an uploader run in the peer, a capture taken on the gateway
+(outside the origin), a reader for the capture and a lossy link (a gateway program dropping
+random data segments)."""
 
 from __future__ import annotations
 
