@@ -20,6 +20,7 @@ BUSYBOX = Path("/bin/busybox")
 VERDICT_PREFIX = "TCPCP-VERDICT"
 JOB_TAG = "job"
 ROOT_TAG = "hostroot"
+REPO_TAG = "repo"  # the repository (with its venv), mounted at its host path over the tmpfs
 GUEST_JOB_DIR = "/run/tcpcp-job"
 
 INIT = f"""#!/bin/busybox sh
@@ -47,6 +48,11 @@ busybox mkdir -p /host{GUEST_JOB_DIR}
 busybox mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 {JOB_TAG} \\
     /host{GUEST_JOB_DIR} || verdict 125 "job-mount-failed"
 nonce=$(busybox cat /host{GUEST_JOB_DIR}/nonce)
+# the repository may live under a path the guest covers with a tmpfs (a CI clone in /tmp)
+repo=$(busybox cat /host{GUEST_JOB_DIR}/repo_path)
+busybox mkdir -p "/host$repo" 2>/dev/null
+busybox mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose \\
+    {REPO_TAG} "/host$repo" || verdict 125 "repo-mount-failed"
 busybox ip link set lo up 2>/dev/null
 echo "tcpcp-guest: running job"
 busybox chroot /host /bin/sh {GUEST_JOB_DIR}/cmd > /dev/ttyS0 2>&1

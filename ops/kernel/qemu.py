@@ -104,7 +104,8 @@ def job_script(command: str, cwd: Path, env: dict[str, str]) -> str:
     return "\n".join([*lines, f"cd {shlex.quote(str(cwd))} || exit 126", command, ""])
 
 
-def qemu_command(bzimage: Path, initrd: Path, job_dir: Path, smp: int, mem_mb: int) -> list[str]:
+def qemu_command(bzimage: Path, initrd: Path, job_dir: Path, smp: int, mem_mb: int,
+                 repo: Path = REPO) -> list[str]:
     # tsc=reliable: without it the TSC watchdog under TCG can demote the clock to jiffies
     # (4 ms resolution), which ruins every latency figure taken in the guest
     append = "console=ttyS0 panic=-1 oops=panic loglevel=4 tsc=reliable"
@@ -115,7 +116,9 @@ def qemu_command(bzimage: Path, initrd: Path, job_dir: Path, smp: int, mem_mb: i
             "-virtfs", f"local,path=/,mount_tag={initramfs.ROOT_TAG},security_model=none,"
                        "readonly=on,multidevs=remap",
             "-virtfs", f"local,path={job_dir},mount_tag={initramfs.JOB_TAG},"
-                       "security_model=none,multidevs=remap"]
+                       "security_model=none,multidevs=remap",
+            "-virtfs", f"local,path={repo},mount_tag={initramfs.REPO_TAG},security_model=none,"
+                       "readonly=on,multidevs=remap"]
 
 
 def boot(bzimage: Path, command: str, *, cwd: Path = REPO, timeout: float = 300.0,
@@ -137,6 +140,7 @@ def boot(bzimage: Path, command: str, *, cwd: Path = REPO, timeout: float = 300.
         job_dir = Path(tmp)
         job_dir.chmod(0o777)
         (job_dir / "nonce").write_text(nonce)
+        (job_dir / "repo_path").write_text(str(REPO))
         (job_dir / "cmd").write_text(job_script(
             command, cwd, {"TCPCP_JOB_DIR": initramfs.GUEST_JOB_DIR, **(env or {})}))
         start = time.monotonic()
@@ -157,7 +161,7 @@ def boot(bzimage: Path, command: str, *, cwd: Path = REPO, timeout: float = 300.
         reader.join(timeout=10)
         seconds = round(time.monotonic() - start, 2)
         files = {p.name: p.read_bytes() for p in job_dir.iterdir()
-                 if p.is_file() and p.name not in ("cmd", "nonce")}
+                 if p.is_file() and p.name not in ("cmd", "nonce", "repo_path")}
     serial_log = "".join(chunks)
     verdict = read_verdict(serial_log, nonce, timed_out)
     log.info("guest_run", outcome=verdict.outcome.value, exit=verdict.exit_code, s=seconds,
