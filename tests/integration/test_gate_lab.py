@@ -160,6 +160,37 @@ def test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves
     assert got.commit_reasons.get("eof") == 1
 
 
+def test_checksum_partial_segments_rewritten_by_the_gate_are_right_once_finalized(
+        lab: Lab, tmp_path: Path) -> None:
+    """The origin leaves its checksums to the device (CHECKSUM_PARTIAL: the gate adjusts a
+    pseudo-header seed); the gateway finalizes them in software on its way to the peer, so the
+    peer verifies every one. The capture inside the gateway sees both forms."""
+    port = next(_ports)
+    lab.run("gw", ["ethtool", "-K", "v-peer", "tx", "off"], check=True, capture_output=True)
+    seeds, final = tmp_path / "p-origin.pcap", tmp_path / "v-peer.pcap"
+    caps = [G.start_capture(netns.command(lab.netns("gw"), []), iface, path,
+                            f"tcp src port {port}")
+            for iface, path in (("p-origin", seeds), ("v-peer", final))]
+    try:
+        csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
+        got = G.upload(lab, port, 5_000_000, G.Guarding.FROM_SYN_ACK)
+    finally:
+        for cap in caps:
+            G.stop_capture(cap)
+        lab.run("gw", ["ethtool", "-K", "v-peer", "tx", "on"], capture_output=True)
+    commits = {seq for _, seq in got.commits}
+    before = [f for _, f, whole in G.read_pcap_frames(seeds) if whole]
+    after_gw = [f for _, f, whole in G.read_pcap_frames(final) if whole]
+    seeded = [f for f in before if not G_packets.tcp_checksum_valid(f)]
+    clamped_seeded = [f for f in seeded
+                      if struct.unpack_from("!I", f, G_packets.parse_frame(f).l4 + 8)[0]
+                      in commits]
+    assert len(clamped_seeded) > 10  # kernel ACKs the gate rewrote while still partial
+    assert len(after_gw) == len(before)
+    assert all(G_packets.tcp_checksum_valid(f) for f in after_gw)
+    assert G.nstat(lab.run, "peer", "TcpInCsumErrors") == csum_before
+
+
 @pytest.mark.parametrize("policy", [CommitPolicy(every_bytes=64 * 1024, interval_s=None),
                                     CommitPolicy(interval_s=0.010)],
                          ids=["every-64KiB", "every-10ms"])
