@@ -16,6 +16,7 @@ from kernel import bpfbuild
 from kernel.bpf import layout
 from kernel.bpf.layout import Flow, flow_key
 from kernel.libbpf import BpfObject
+from kernel.seq import after
 from tests.integration.gatepackets import (
     ACK,
     FIN,
@@ -165,6 +166,29 @@ def _has_option(seg: Segment, kind: int) -> bool:
     return any(k == kind for _, k, _ in walk_options(seg.options))
 
 
+def _spec_breaches(seg: Segment, out: bytes, cfg: FlowConfig | None) -> list[str]:
+    """What the gate's output breaks of the issue's rules, checked without the model: a guarded
+    flow's segment leaves with no ack after the committed sequence, no SACK block and a right
+    edge not before the kernel's (unless the window is capped)."""
+    if cfg is None or cfg.flags != 1:
+        return []
+    p = parse_frame(out)
+    ack = struct.unpack_from("!I", out, p.l4 + 8)[0]
+    doff_flags, window = struct.unpack_from("!HH", out, p.l4 + 12)
+    options = out[p.l4 + 20:p.l4 + (doff_flags >> 12) * 4]
+    breaches = []
+    if any(kind == 5 for _, kind, _ in walk_options(options)):
+        breaches.append("SACK block left")
+    if seg.flags & ACK and after(ack, cfg.committed):
+        breaches.append(f"ack {ack} after committed {cfg.committed}")
+    if seg.flags & ACK and not seg.flags & SYN and window != 0xFFFF:
+        edge_in = (seg.ack + (seg.window << cfg.wscale)) & MASK
+        edge_out = (ack + (window << cfg.wscale)) & MASK
+        if after(edge_in, edge_out):
+            breaches.append(f"right edge {edge_out} before the kernel's {edge_in}")
+    return breaches
+
+
 def _without_checksum(frame: bytes) -> bytes:
     p = parse_frame(frame)
     return frame[:p.l4 + 16] + frame[p.l4 + 18:]
@@ -181,7 +205,7 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         for key in list(m.keys()):
             m.delete(key)
     ports_map.update(struct.pack("=I", GUARDED_PORT), struct.pack("=I", 1))
-    rewritten = untouched = sackperm_stripped = 0
+    rewritten = untouched = sackperm_stripped = checked = 0
     for kind, item in _scenario(rng):
         if kind == "config":
             fid, cfg = cast(tuple[FlowId, FlowConfig], item)
@@ -195,6 +219,9 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         assert got.retval == verdict, f"verdict for {item}"
         if verdict != TC_ACT_OK:
             continue
+        fid = (item.src, item.sport, item.dst, item.dport)
+        assert _spec_breaches(item, got.data, model.flows.get(fid)) == [], item
+        checked += model.flows.get(fid, FlowConfig(0, 0, 0)).flags == 1
         if expected_seg == item:
             assert got.data == frame, f"untouched segment changed: {item}"
             untouched += 1
@@ -205,7 +232,7 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
         assert tcp_checksum_valid(got.data), f"bad checksum after rewriting {item}"
         rewritten += 1
         sackperm_stripped += _has_option(item, 4) and not _has_option(expected_seg, 4)
-    assert rewritten > 500 and untouched > 300 and sackperm_stripped > 5
+    assert rewritten > 500 and untouched > 300 and sackperm_stripped > 5 and checked > 1000
     assert sum(f.dupacks_dropped for f in model.states.values()) > 10
     for fid, want in model.states.items():
         raw = states_map.lookup(flow_key(_flow(fid)))
@@ -273,6 +300,7 @@ def test_single_segment_of_a_fresh_flow_matches_the_model(
     assert got.retval == verdict
     assert _without_checksum(got.data) == _without_checksum(build_frame(expected))
     assert tcp_checksum_valid(got.data)
+    assert verdict != TC_ACT_OK or _spec_breaches(seg, got.data, cfg) == []
 
 
 def _set_holdoff(gate: BpfObject, ns: int) -> None:
