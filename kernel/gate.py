@@ -321,14 +321,16 @@ class AckGate:
                 return False
             cfg = FlowConfig(seq, cfg.rcv_wscale, True, cfg.frozen)
             self._write_locked(flow, cfg)
-        if not cfg.frozen:
-            self._send_ack(flow, cfg)
+            # sent under the lock: a concurrent commit's higher ACK cannot leave before this one
+            if not cfg.frozen:
+                self._send_ack(flow, cfg)
         return True
 
     def force_ack(self, flow: Flow) -> bool:
         """Send a pure ACK at the committed sequence now; False when nothing was sent yet."""
-        cfg = self.config(flow)
-        return cfg is not None and self._send_ack(flow, cfg)
+        with self._lock:
+            cfg = self.config(flow)
+            return cfg is not None and self._send_ack(flow, cfg)
 
     def _send_ack(self, flow: Flow, cfg: FlowConfig) -> bool:
         st = self.state(flow)
