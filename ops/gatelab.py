@@ -85,7 +85,8 @@ def listener(family: int, port: int) -> socket.socket:
 
 
 def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy,
-                  out: Received, timeout: float = 120.0) -> Received:
+                  out: Received, timeout: float = 120.0, reader: Reader | None = None
+                  ) -> Received:
     """Accept one connection and read it to the end, committing by policy (gate None: ungated).
     Commits are recorded with the wall-clock time taken just before the gate moves."""
     srv.settimeout(timeout)
@@ -96,19 +97,31 @@ def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
         cfg = gate.config(flow)
         assert cfg is not None, f"guarded port did not create a gate entry for {flow}"
         base = cfg.committed_seq
-    return read_gated(conn, flow, base, gate, policy, out, timeout)
+    return read_gated(conn, flow, base, gate, policy, out, timeout, reader)
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """How the receiving application reads: at most chunk bytes per read, then think_s seconds
+    of work. The default drains the socket; a slow one keeps data queued, so it rarely finds the
+    socket empty and its commits come from the policy's timer or byte threshold."""
+
+    chunk: int = 1 << 20
+    think_s: float = 0.0
 
 
 def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
-               policy: CommitPolicy, out: Received, timeout: float = 120.0) -> Received:
+               policy: CommitPolicy, out: Received, timeout: float = 120.0,
+               reader: Reader | None = None) -> Received:
     """Read an accepted connection to the end, committing base + bytes read by policy, answer
     one byte and close it."""
+    reader = reader or Reader()
     t0 = time.monotonic()
     out.flow = flow
     conn.setblocking(False)
     digest = hashlib.sha256()
     state = PolicyState()
-    buf = bytearray(1 << 20)
+    buf = bytearray(reader.chunk)
     deadline = time.monotonic() + timeout
 
     def commit_if(reason: object) -> None:
@@ -136,6 +149,8 @@ def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
                 raise TimeoutError(f"upload stalled at {state.consumed} bytes") from None
             continue
         digest.update(memoryview(buf)[:n])
+        if reader.think_s and n:
+            time.sleep(reader.think_s)
         state, reason = decide(policy, state, Read(n, time.monotonic()))
         commit_if(reason)
         if n == 0:
