@@ -109,6 +109,8 @@ class Lab:
         self._procs: list[subprocess.Popen[Any]] = []
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
+        self._netlinks: dict[str, IPRoute] = {}
+        self._netlink_lock = threading.RLock()
         self._built = False
 
     # ---------------------------------------------------------------- topology
@@ -209,9 +211,24 @@ class Lab:
         # accept a gratuitous ARP at once, however recently the entry was updated
         netns.sysctl_write(gw.netns, "net.ipv4.neigh.br0.locktime", "0")
 
+    @contextlib.contextmanager
+    def _netlink(self, host: str) -> Iterator[IPRoute]:
+        """A netlink handle inside `host`, opened once (opening one costs ~10 ms), one user at a
+        time."""
+        with self._netlink_lock:
+            ipr = self._netlinks.get(host)
+            if ipr is None:
+                ipr = self._netlinks[host] = IPRoute(netns=self.netns(host))
+            yield ipr
+
     # ---------------------------------------------------------------- teardown
     def down(self) -> None:
         """Stop everything the lab started and remove its namespaces. Safe to call twice."""
+        with self._netlink_lock:
+            for ipr in self._netlinks.values():
+                with contextlib.suppress(Exception):
+                    ipr.close()
+            self._netlinks.clear()
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
         self._executors.clear()
@@ -349,7 +366,7 @@ class Lab:
 
     def _apply(self, port: str) -> None:
         rules = self._rules.get(port, _PortRules())
-        with IPRoute(netns=self.netns("gw")) as ipr:
+        with self._netlink("gw") as ipr:
             idx = ipr.link_lookup(ifname=port)[0]
             with contextlib.suppress(Exception):
                 ipr.tc("del", "clsact", idx)
@@ -377,12 +394,12 @@ class Lab:
             ipr.addr("add", index=eth, address=SERVICE_V6, prefixlen=128)
 
     def _hold_service(self, host: str) -> None:
-        with IPRoute(netns=self.netns(host)) as ipr:
+        with self._netlink(host) as ipr:
             self._add_service(ipr, ipr.link_lookup(ifname="eth0")[0])
         self.service_holders.add(host)
 
     def _release_service(self, host: str) -> None:
-        with IPRoute(netns=self.netns(host)) as ipr:
+        with self._netlink(host) as ipr:
             eth = ipr.link_lookup(ifname="eth0")[0]
             for address, plen in ((SERVICE_V4, 32), (SERVICE_V6, 128)):
                 with contextlib.suppress(Exception):
@@ -391,7 +408,7 @@ class Lab:
 
     def _route_service_via(self, host: str) -> None:
         h = self.host(host)
-        with IPRoute(netns=self.netns("gw")) as ipr:
+        with self._netlink("gw") as ipr:
             ipr.route("replace", dst=SERVICE_V4 + "/32", gateway=h.v4)
             ipr.route("replace", dst=SERVICE_V6 + "/128", gateway=h.v6, family=socket.AF_INET6)
 
@@ -416,7 +433,7 @@ class Lab:
             for other in sorted(self.service_holders - {host}):
                 self._release_service(other)
         self._hold_service(host)
-        with IPRoute(netns=self.netns("gw")) as ipr:
+        with self._netlink("gw") as ipr:
             br = ipr.link_lookup(ifname="br0")[0]
             ipr.route("replace", dst=SERVICE_V4 + "/32", oif=br, scope=253)
             ipr.route("replace", dst=SERVICE_V6 + "/128", oif=br, family=socket.AF_INET6)
