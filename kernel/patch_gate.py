@@ -119,19 +119,29 @@ def commit_option_present() -> bool:
     return True
 
 
+def choose_backend(requested: Backend | str | None, option_present: bool) -> Backend:
+    """The backend for a request (None or "auto": patch when the kernel has the option, else
+    bpf), given whether the running kernel has TCP_COMMIT_SEQ. Pure: no probing.
+
+    Asking for `patch` without the option raises OptionAbsent; an unknown name, ValueError."""
+    if requested is None or requested == "auto":
+        return Backend.PATCH if option_present else Backend.BPF
+    backend = Backend(requested)
+    if backend is Backend.PATCH and not option_present:
+        raise OptionAbsent("expected TCP_COMMIT_SEQ for the patch backend, got a kernel "
+                           "without it (ENOPROTOOPT)")
+    return backend
+
+
 def select_backend(requested: Backend | str | None = None) -> Backend:
     """The backend to use: the one requested, or `patch` when the kernel has it, else `bpf`.
 
     Asking for `patch` on a kernel without the series raises OptionAbsent."""
-    if requested is None or requested == "auto":
-        chosen = Backend.PATCH if commit_option_present() else Backend.BPF
-        log.info("gate_backend_selected", backend=chosen.value)
-        return chosen
-    backend = Backend(requested)
-    if backend is Backend.PATCH and not commit_option_present():
-        raise OptionAbsent("expected TCP_COMMIT_SEQ for the patch backend, got a kernel "
-                           "without it (ENOPROTOOPT)")
-    return backend
+    chosen = choose_backend(requested, commit_option_present())
+    log.info("gate_backend_selected", backend=chosen.value,
+             requested=None if requested is None else str(getattr(requested, "value",
+                                                                  requested)))
+    return chosen
 
 
 def commit_info(sock: socket.socket) -> CommitInfo:

@@ -1,0 +1,106 @@
+"""The ACK-gate scenario shared by the host lab test (bpf backend) and the guest test (patch
+backend, and bpf in the same guest): a gated connection's bytes are read by the origin but the
+peer sees them acknowledged only as far as the origin commits.
+
+What the peer sees is read from its own socket (TCP_INFO bytes_acked, what `ss -tin` prints;
+it counts the SYN, so a connection whose peer has sent n acknowledged bytes shows n + 1).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from kernel.gatebackend import Gate
+from kernel.seq import seq_add
+
+TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (include/uapi/linux/tcp.h)
+SENT = 8000     # below the ~14 KB a fresh connection has in flight: held bytes never stall it
+FIRST = 3000    # the first commit
+HOLD_S = 0.3    # longer than the delayed-ACK timer, shorter than the peer's first RTO (1 s)
+
+
+class Guarding(enum.Enum):
+    """How the connection becomes gated."""
+
+    LISTEN = "listen"  # gate.guard_listen(listener) before the peer connects
+    SOCKET = "socket"  # gate.guard(sock) on the accepted, established socket
+
+
+def peer_bytes_acked(client: socket.socket) -> int:
+    info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("=Q", info, TCPI_BYTES_ACKED)[0])
+
+
+def _wait_acked(client: socket.socket, want: int, timeout: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (got := peer_bytes_acked(client)) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return got
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    sock.settimeout(10)
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"expected {n} bytes, the stream ended after {len(out)}"
+        out += chunk
+    return bytes(out)
+
+
+def listen_and_connect(gate: Gate, guarding: Guarding,
+                       listen: Callable[[], socket.socket],
+                       connect: Callable[[], socket.socket]
+                       ) -> tuple[socket.socket, socket.socket, int]:
+    """(origin socket, peer socket, committed sequence at start) of a new gated connection.
+
+    listen() makes the origin's listening socket, connect() the peer's connected socket (each
+    inside its namespace)."""
+    lst = listen()
+    try:
+        if guarding is Guarding.LISTEN:
+            gate.guard_listen(lst)
+        client = connect()
+        lst.settimeout(10)
+        server, _ = lst.accept()
+    finally:
+        lst.close()
+    if guarding is Guarding.SOCKET:
+        assert gate.committed_seq(server) is None, "a socket was gated before guard()"
+        base = gate.guard(server)
+    else:
+        got = gate.committed_seq(server)
+        assert got is not None, "guard_listen did not gate the accepted connection"
+        base = got
+    return server, client, base
+
+
+def check_acks_held_until_committed(gate: Gate, server: socket.socket, client: socket.socket,
+                                    base: int) -> None:
+    """The peer's bytes are read at once but acknowledged only up to each commit."""
+    assert gate.committed_seq(server) == base
+    assert peer_bytes_acked(client) == 1, "the peer had bytes acknowledged before sending"
+    data = os.urandom(SENT)
+    client.sendall(data)
+    assert _recv_exactly(server, SENT) == data
+    time.sleep(HOLD_S)
+    assert peer_bytes_acked(client) == 1, "bytes were acknowledged before any commit"
+
+    assert gate.commit(server, seq_add(base, FIRST))
+    assert gate.committed_seq(server) == seq_add(base, FIRST)
+    assert _wait_acked(client, 1 + FIRST) == 1 + FIRST
+    time.sleep(HOLD_S)
+    assert peer_bytes_acked(client) == 1 + FIRST, "acknowledged beyond the commit"
+
+    assert not gate.commit(server, seq_add(base, FIRST)), "a repeated commit moved the gate"
+    assert not gate.commit(server, seq_add(base, FIRST - 1)), "a commit moved the gate back"
+    assert gate.committed_seq(server) == seq_add(base, FIRST)
+
+    assert gate.commit(server, seq_add(base, SENT))
+    assert _wait_acked(client, 1 + SENT) == 1 + SENT
+    assert gate.committed_seq(server) == seq_add(base, SENT)
