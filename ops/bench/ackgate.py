@@ -11,7 +11,13 @@ the origin commits each as soon as it has read it. A capture on the gateway (out
 gives the time the first segment carrying the committed ack crossed the wire; the difference to
 the instant before the commit is the commit-to-ACK latency (p50, p99 in microseconds).
 Writes bench/ackgate.json: throughput_ratio, commit_to_ack_us_p50, commit_to_ack_us_p99,
-gated_mb_s, ungated_mb_s, commits_per_upload.
+gated_mb_s, ungated_mb_s, commits_per_upload, backend.
+
+--backend patch measures the kernel series' TCP_COMMIT_SEQ instead (ops/kernel/bench_guest.py:
+a veth pair at MTU 1500, a commit after every read, the ACK stamped on the peer's interface).
+On a kernel without the option it builds (cached) and boots the patched kernel under qemu and
+runs itself there; the figures keep the same keys, with "backend": "patch". TCG emulation: they
+compare the variants measured in that guest, not with the host's bpf figures.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from checkpointer.commit_policy import (
     decide,
     next_deadline,
 )
+from kernel import patch_gate
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.seq import seq_diff
@@ -84,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=1000,
                         help="commits measured for the latency figures")
     parser.add_argument("--output", type=Path, default=Path("bench/ackgate.json"))
+    parser.add_argument("--backend", choices=[b.value for b in patch_gate.Backend],
+                        default=patch_gate.Backend.BPF.value,
+                        help="gate measured: bpf (tc program, this host) or patch "
+                        "(TCP_COMMIT_SEQ; boots the patched kernel under qemu when this "
+                        "kernel lacks it)")
+    parser.add_argument("--guest-timeout", type=float, default=1800.0,
+                        help="seconds the patched guest may take (--backend patch, booted)")
 
 
 def _listener(port: int) -> socket.socket:
@@ -217,6 +231,8 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.backend == patch_gate.Backend.PATCH.value:
+        return _run_patch(args)
     default = CommitPolicy()
     policy = CommitPolicy(
         interval_s=default.interval_s if args.interval_ms is None else args.interval_ms / 1000,
@@ -251,10 +267,58 @@ def run(args: argparse.Namespace) -> int:
         "upload_bytes": args.size,
         "policy_interval_ms": None if policy.interval_s is None else policy.interval_s * 1000,
         "policy_every_bytes": policy.every_bytes,
+        "backend": patch_gate.Backend.BPF.value,
     }
+    _report(results, args.output)
+    return 0
+
+
+def _report(results: dict[str, object], output: Path) -> None:
     for key, value in results.items():
         print(f"{key:24} {value}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {output}")
+
+
+def _run_patch(args: argparse.Namespace) -> int:
+    """The patch backend's figures: measured here when this kernel has TCP_COMMIT_SEQ, else
+    in the patched guest (which runs this same command)."""
+    if args.interval_ms is not None or args.every_bytes is not None:
+        print("--interval-ms/--every-bytes apply to --backend bpf only (the patch bench "
+              "commits after every read)", file=sys.stderr)
+        return 2
+    if patch_gate.commit_option_present():
+        from ops.kernel import bench_guest
+
+        results = bench_guest.measure(args.size, args.runs, args.messages)
+    else:
+        booted = _measure_in_guest(args)
+        if booted is None:
+            return 1
+        results = booted
+    results["backend"] = patch_gate.Backend.PATCH.value
+    _report(results, args.output)
     return 0
+
+
+def _measure_in_guest(args: argparse.Namespace) -> dict[str, object] | None:
+    """Boot the patched kernel (cached build) and run `bench ackgate --backend patch` in it."""
+    from ops.kernel.build import Flavour, build
+    from ops.kernel.qemu import boot
+
+    kernel = build(Flavour.PATCHED)
+    command = (f".venv/bin/python -m ops.cli bench ackgate --backend patch --size {args.size} "
+               f"--runs {args.runs} --messages {args.messages} "
+               "--output $TCPCP_JOB_DIR/ackgate.json")
+    log.info("ackgate_patch_guest", bzimage=str(kernel.bzimage), command=command)
+    guest = boot(kernel.bzimage, command, timeout=args.guest_timeout)
+    raw = guest.files.get("ackgate.json")
+    if not guest.verdict.passed or raw is None:
+        print(f"expected the patched guest to write ackgate.json, got "
+              f"{guest.verdict.outcome.value} ({guest.verdict.detail}); log {guest.log_path}",
+              file=sys.stderr)
+        return None
+    figures: dict[str, object] = json.loads(raw)
+    figures["guest_seconds"] = guest.seconds
+    return figures
