@@ -1,7 +1,7 @@
 """`tcpcp bench ackgate --backend patch` on the host (stock kernel) boots the patched guest,
 measures TCP_COMMIT_SEQ there and writes the eBPF bench's keys with "backend": "patch"; the
-default still measures the eBPF gate on the host and says so. Small sizes: this checks the plumbing, the
-figures themselves are the benchmark's business."""
+default still measures the eBPF gate on the host and says so. Small sizes: this checks the
+plumbing, the figures themselves are the benchmark's business."""
 
 from __future__ import annotations
 
