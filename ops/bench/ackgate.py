@@ -24,33 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import select
-import socket
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import structlog
 
 from checkpointer.commit_policy import (
     CommitPolicy,
-    PolicyState,
-    Read,
-    Tick,
-    WouldBlock,
-    committed_seq,
-    decide,
-    next_deadline,
 )
 from kernel import patch_gate
-from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.seq import seq_diff
-from ops import netns
+from ops import gatelab, netns
 from ops.lab import Lab
 
 log = structlog.get_logger()
@@ -100,118 +87,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds the patched guest may take (--backend patch, booted)")
 
 
-def _listener(port: int) -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
-    srv.listen(4)
-    srv.settimeout(60)
-    return srv
-
-
-def _receive(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy
-             ) -> tuple[int, float, int, list[tuple[float, int]]]:
-    """Read one connection to its end, committing by policy when gated.
-    Returns bytes, seconds from accept to end of stream, commits, (time, seq) log."""
-    conn, peer = srv.accept()
-    t0 = time.monotonic()
-    flow = Flow.of(conn.getsockname()[:2], peer[:2])
-    base = 0
-    if gate is not None:
-        cfg = gate.config(flow)
-        if cfg is None:
-            raise RuntimeError(f"guarded port made no gate entry for {flow}")
-        base = cfg.committed_seq
-    conn.setblocking(False)
-    buf = bytearray(1 << 20)
-    state = PolicyState()
-    commits: list[tuple[float, int]] = []
-    deadline = time.monotonic() + 120
-
-    def commit(reason: object) -> None:
-        if reason is not None and gate is not None:
-            seq = committed_seq(base, state.committed, state.eof_committed)
-            commits.append((time.time(), seq))
-            gate.commit(flow, seq)
-
-    while True:
-        try:
-            n = conn.recv_into(buf)
-        except BlockingIOError:
-            state, reason = decide(policy, state, WouldBlock(time.monotonic()))
-            commit(reason)
-            due = next_deadline(policy, state)
-            select.select([conn], [], [], 0.5 if due is None else max(0, due - time.monotonic()))
-            state, reason = decide(policy, state, Tick(time.monotonic()))
-            commit(reason)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stalled after {state.consumed} bytes") from None
-            continue
-        state, reason = decide(policy, state, Read(n, time.monotonic()))
-        commit(reason)
-        if n == 0:
-            break
-    seconds = time.monotonic() - t0
-    conn.setblocking(True)
-    conn.sendall(b"k")
-    conn.close()
-    return state.consumed, seconds, len(commits), commits
-
-
 def _upload(lab: Lab, port: int, size: int, gate: AckGate | None, policy: CommitPolicy
             ) -> tuple[float, int]:
-    srv = lab.call("origin", _listener, port)
+    srv = lab.call("origin", gatelab.listener, 4, port)
     try:
-        fut = lab.submit("origin", _receive, srv, gate, policy)
+        fut = lab.submit("origin", gatelab.receive_gated, srv, gate, policy, gatelab.Received(),
+                         digest=False)
         lab.run("peer", [sys.executable, "-c", _UPLOAD, lab.service(4), str(port), str(size)],
                 check=True, timeout=180)
-        nbytes, seconds, commits, _ = fut.result(timeout=180)
+        got = fut.result(timeout=180)
     finally:
         srv.close()
-    if nbytes != size:
-        raise RuntimeError(f"expected {size} bytes uploaded, got {nbytes}")
-    return size / seconds / 1e6, commits
-
-
-def _captured_acks(pcap: Path, port: int) -> list[tuple[float, int]]:
-    """(time, ack) of every IPv4 TCP segment from port in an Ethernet pcap."""
-    data = pcap.read_bytes()
-    out, off = [], 24
-    while off + 16 <= len(data):
-        sec, usec, caplen, _ = struct.unpack_from("<IIII", data, off)
-        pkt = data[off + 16:off + 16 + caplen]
-        off += 16 + caplen
-        if pkt[12:14] != b"\x08\x00" or pkt[23] != 6:
-            continue
-        l4 = 14 + (pkt[14] & 0xF) * 4
-        sport, _, _, ack, _, flags = struct.unpack_from("!HHIIBB", pkt, l4)
-        if sport == port and flags & 0x10:
-            out.append((sec + usec / 1e6, ack))
-    return out
+    if got.nbytes != size:
+        raise RuntimeError(f"expected {size} bytes uploaded, got {got.nbytes}")
+    return size / got.seconds / 1e6, len(got.commits)
 
 
 def _latency(lab: Lab, gate: AckGate, port: int, messages: int) -> list[float]:
     pcap = Path(tempfile.mkstemp(prefix="ackgate-", suffix=".pcap")[1])
-    cap = subprocess.Popen(netns.command(lab.netns("gw"), [
-        "tcpdump", "-i", "p-origin", "-s", "128", "-U", "-n", "--immediate-mode",
-        "--time-stamp-precision=micro", "-w", str(pcap), f"tcp src port {port}"]),
-        stderr=subprocess.PIPE)
-    assert cap.stderr is not None
-    cap.stderr.readline()
-    srv = lab.call("origin", _listener, port)
+    cap = gatelab.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
+                                f"tcp src port {port}")
+    srv = lab.call("origin", gatelab.listener, 4, port)
     try:
         # commit as soon as each message is read: an every-byte policy with no timer
-        fut = lab.submit("origin", _receive, srv, gate, CommitPolicy(interval_s=None,
-                                                                     every_bytes=1))
+        fut = lab.submit("origin", gatelab.receive_gated, srv, gate,
+                         CommitPolicy(interval_s=None, every_bytes=1), gatelab.Received(),
+                         digest=False)
         lab.run("peer", [sys.executable, "-c", _MESSAGES, lab.service(4), str(port),
                          str(messages)], check=True, timeout=120)
-        _, _, _, commits = fut.result(timeout=120)
+        commits = fut.result(timeout=120).commits
     finally:
         srv.close()
-        time.sleep(0.5)
-        cap.terminate()
-        cap.communicate(timeout=10)
-    acks = _captured_acks(pcap, port)
+        gatelab.stop_capture(cap)
+    acks = [(c.time, c.ack) for c in gatelab.read_pcap(pcap)
+            if c.sport == port and c.flags & 0x10]
     pcap.unlink()
     samples, j = [], 0
     for t, seq in commits:
