@@ -167,6 +167,17 @@ def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
     return out
 
 
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read until n bytes came or the peer closed; returns what came (shorter on close)."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(min(65536, n - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def uploader_argv(host: str, port: int, total: int, wait_for_go: bool = False) -> list[str]:
     """The uploader's command line; wait_for_go: it sends only after reading b"g"."""
     return [sys.executable, "-c", UPLOADER, host, str(port), str(total),

@@ -31,15 +31,6 @@ def _connect(service: str) -> socket.socket:
     return s
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(min(65536, n - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
 
 def _peer_ss(lab: Lab) -> tuple[int, int]:
     """(bytes_acked, Send-Q) of the peer's connection to the service."""
@@ -75,7 +66,7 @@ def test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequenc
                 if cfg is not None:
                     gate.commit(flow, cfg.committed_seq + got)
             # received by the origin's kernel and read, but never committed
-            assert len(_recv_exactly(conn, READ - COMMITTED)) == READ - COMMITTED
+            assert len(G.recv_exactly(conn, READ - COMMITTED)) == READ - COMMITTED
             time.sleep(0.3)
             lab.crash("origin")
             sender.result(timeout=10)
@@ -121,7 +112,7 @@ def test_connection_restored_from_the_committed_state_receives_the_held_bytes_ex
             checkpoint = dataclasses.replace(
                 ici, rcv_nxt=committed, received=b"",
                 window=dataclasses.replace(ici.window, rcv_wup=committed))
-            origin_data += _recv_exactly(conn, READ - COMMITTED)  # read, never committed
+            origin_data += G.recv_exactly(conn, READ - COMMITTED)  # read, never committed
             time.sleep(0.3)
             lab.crash("origin")
         finally:

@@ -220,15 +220,6 @@ def _peer_connect(family: int, port: int, service: str) -> socket.socket:
     return s
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
 
 def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
         lab: Lab, capture_path: Path) -> None:
@@ -246,7 +237,7 @@ def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
             assert cfg is not None
             base = cfg.committed_seq
             peer.sendall(b"a" * 10_000)
-            assert len(_recv_exactly(conn, 10_000)) == 10_000
+            assert len(G.recv_exactly(conn, 10_000)) == 10_000
             gate.commit(flow, base + 10_000)
 
             gate.freeze(flow)
@@ -255,7 +246,7 @@ def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
             try:
                 peer.sendall(b"b" * 20_000)
                 conn.sendall(b"c" * 5_000)
-                assert len(_recv_exactly(conn, 20_000)) == 20_000
+                assert len(G.recv_exactly(conn, 20_000)) == 20_000
                 gate.commit(flow, base + 30_000)  # no forced ACK may leave either
                 time.sleep(1.5)
             finally:
@@ -271,9 +262,9 @@ def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
             gate.thaw(flow)
             gate.force_ack(flow)
             peer.settimeout(20)
-            assert _recv_exactly(peer, 5_000) == b"c" * 5_000
+            assert G.recv_exactly(peer, 5_000) == b"c" * 5_000
             peer.sendall(b"d" * 1000)
-            assert _recv_exactly(conn, 1000) == b"d" * 1000
+            assert G.recv_exactly(conn, 1000) == b"d" * 1000
         finally:
             srv.close()
 
@@ -292,7 +283,7 @@ def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
             cfg = gate.config(flow)
             assert cfg is not None and cfg.rcv_wscale > 0
             peer.sendall(b"x" * 3000)
-            assert len(_recv_exactly(conn, 3000)) == 3000
+            assert len(G.recv_exactly(conn, 3000)) == 3000
             time.sleep(0.1)  # the kernel's own ACKs have left, clamped to the handshake
             st = gate.state(flow)
             assert st is not None and st.acks_clamped > 0 and st.tsval is not None
@@ -321,7 +312,7 @@ def _tfo_connect(service: str, port: int, data: bytes) -> bytes:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(10)
     s.sendto(data, socket.MSG_FASTOPEN, (service, port))
-    reply = _recv_exactly(s, 2)
+    reply = G.recv_exactly(s, 2)
     s.close()
     return reply
 
@@ -329,7 +320,7 @@ def _tfo_connect(service: str, port: int, data: bytes) -> bytes:
 def _tfo_echo_once(srv: socket.socket, n: int) -> bytes:
     conn, _ = srv.accept()
     conn.settimeout(10)
-    data = _recv_exactly(conn, n)
+    data = G.recv_exactly(conn, n)
     conn.sendall(b"ok")
     conn.close()
     return data
@@ -394,7 +385,7 @@ def test_peer_fin_is_acknowledged_only_once_committed_as_end_plus_one_even_from_
             cfg = gate.config(flow)
             assert cfg is not None
             peer.sendall(b"a" * 1000)
-            assert len(_recv_exactly(conn, 1000)) == 1000
+            assert len(G.recv_exactly(conn, 1000)) == 1000
             gate.commit(flow, cfg.committed_seq + 1000)
             cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
                                   f"tcp port {port}")
@@ -453,7 +444,7 @@ def test_sack_and_dsack_blocks_never_leave_a_flow_guarded_mid_connection(
             conn.settimeout(10)
             flow = Flow.of(conn.getsockname()[:2], addr[:2])
             peer.sendall(b"a" * 2000)
-            assert _recv_exactly(conn, 2000) == b"a" * 2000
+            assert G.recv_exactly(conn, 2000) == b"a" * 2000
             time.sleep(0.05)
             ici = repair.dump(conn)
             assert ici.params.options & TcpOption.SACK

@@ -65,15 +65,6 @@ def _connect(service: str, port: int, rcvbuf: int | None) -> socket.socket:
     return s
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(min(65536, n - len(data)))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
 
 def _pattern(n: int, salt: int) -> bytes:
     return bytes((i * 7 + salt) % 251 for i in range(n))
@@ -99,7 +90,7 @@ def held_factory(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., Held]]:
         cfg = gate.config(flow)
         assert cfg is not None
         peer.sendall(_pattern(HELD, 1))
-        assert _recv_exactly(conn, HELD) == _pattern(HELD, 1)
+        assert G.recv_exactly(conn, HELD) == _pattern(HELD, 1)
         gate.commit(flow, cfg.committed_seq + COMMITTED)
         time.sleep(0.05)
         st = gate.state(flow)
@@ -174,7 +165,7 @@ def _survives(h: Held) -> None:
     assert got == more
     back = _pattern(10_000, 5)
     h.conn.sendall(back)
-    assert _recv_exactly(h.peer, len(back)) == back
+    assert G.recv_exactly(h.peer, len(back)) == back
     for s in (h.conn, h.peer):
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
 
@@ -241,7 +232,7 @@ def test_zero_window_probes_of_a_guarded_flow_leave_clamped_and_the_connection_s
     assert probes >= 2 and len(on_wire) == probes
     assert any(s.window == 0 for s in wire.peer)  # the peer did close its window
     _assert_clamped_checksummed_edge_kept(h, wire)
-    reader = h.lab.submit("peer", _recv_exactly, h.peer, sent)
+    reader = h.lab.submit("peer", G.recv_exactly, h.peer, sent)
     assert reader.result(timeout=30) == payload[:sent]
     _survives(h)
 

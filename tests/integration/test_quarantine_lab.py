@@ -27,15 +27,6 @@ def _connect(service: str) -> socket.socket:
     return s
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
 
 def _switch_mid_connection(lab: Lab, pcap: Path, quarantine: Quarantine | None
                            ) -> tuple[Flow, Observation | None, str, list[G.Captured], float]:
@@ -51,9 +42,9 @@ def _switch_mid_connection(lab: Lab, pcap: Path, quarantine: Quarantine | None
         conn, addr = accept.result(timeout=10)
         flow = Flow.of(conn.getsockname()[:2], addr[:2])
         peer.sendall(b"x" * 1000)
-        assert len(_recv_exactly(conn, 1000)) == 1000
+        assert len(G.recv_exactly(conn, 1000)) == 1000
         conn.sendall(b"y" * 500)
-        assert len(_recv_exactly(peer, 500)) == 500
+        assert len(G.recv_exactly(peer, 500)) == 500
         time.sleep(0.1)  # delayed ACKs settle
         if quarantine is not None:
             quarantine.observe(flow)
