@@ -100,11 +100,7 @@ int gate_egress(struct __sk_buff *skb)
 
 	if (parse_tcp(skb, &p))
 		return TC_ACT_OK;
-	__builtin_memcpy(key.local_addr, p.src_addr, 16);
-	__builtin_memcpy(key.remote_addr, p.dst_addr, 16);
-	key.local_port = p.src_port;
-	key.remote_port = p.dst_port;
-	key.family = p.family;
+	flow_key_of(&p, 1, &key);
 
 	cfg = bpf_map_lookup_elem(&gate_flows, &key);
 	if (!cfg && (p.flags & (TCPF_SYN | TCPF_ACK)) != (TCPF_SYN | TCPF_ACK))

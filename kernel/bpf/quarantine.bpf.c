@@ -23,11 +23,7 @@ int quarantine_ingress(struct __sk_buff *skb)
 
 	if (parse_tcp(skb, &p))
 		return TC_ACT_OK;
-	__builtin_memcpy(key.local_addr, p.dst_addr, 16);
-	__builtin_memcpy(key.remote_addr, p.src_addr, 16);
-	key.local_port = p.dst_port;
-	key.remote_port = p.src_port;
-	key.family = p.family;
+	flow_key_of(&p, 0, &key);
 	obs = bpf_map_lookup_elem(&quarantine_flows, &key);
 	if (!obs)
 		return TC_ACT_OK;

@@ -148,6 +148,18 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct tcp_pkt *p)
 }
 
 /* Copy the TCP header and options (hdr_len bytes, 20..60) into w->buf. */
+/* The map key of a parsed segment's flow; the local end is the source on egress, the
+ * destination on ingress. */
+static __always_inline void flow_key_of(const struct tcp_pkt *p, int egress,
+					struct flow_key *key)
+{
+	__builtin_memcpy(key->local_addr, egress ? p->src_addr : p->dst_addr, 16);
+	__builtin_memcpy(key->remote_addr, egress ? p->dst_addr : p->src_addr, 16);
+	key->local_port = egress ? p->src_port : p->dst_port;
+	key->remote_port = egress ? p->dst_port : p->src_port;
+	key->family = p->family;
+}
+
 static __always_inline int load_tcp_header(struct __sk_buff *skb, struct tcp_pkt *p,
 					   struct opt_walk *w)
 {
