@@ -31,8 +31,9 @@ from checkpointer.commit_policy import (
 )
 from kernel import repair
 from kernel.bpf.layout import Flow
-from kernel.gate import AckGate
+from kernel.gatebackend import Gate, open_gate, socket_flow
 from kernel.ici import TcpOption
+from kernel.patch_gate import Backend
 from kernel.tcfilter import Direction, TcHook, TcTarget
 from ops import labfilter
 from ops.lab import Lab
@@ -84,20 +85,20 @@ def listener(family: int, port: int) -> socket.socket:
     return srv
 
 
-def receive_gated(srv: socket.socket, gate: AckGate | None, policy: CommitPolicy,
+def receive_gated(srv: socket.socket, gate: Gate | None, policy: CommitPolicy,
                   out: Received, timeout: float = 120.0, reader: Reader | None = None,
                   digest: bool = True) -> Received:
-    """Accept one connection and read it to the end, committing by policy (gate None: ungated).
-    Commits are recorded with the wall-clock time taken just before the gate moves."""
+    """Accept one connection from a listener the gate guards (gate None: ungated) and read it to
+    the end, committing by policy. Commits are recorded with the wall-clock time taken just
+    before the gate moves."""
     srv.settimeout(timeout)
-    conn, peer = srv.accept()
-    flow = Flow.of(conn.getsockname()[:2], peer[:2])
+    conn, _ = srv.accept()
     base = 0
     if gate is not None:
-        cfg = gate.config(flow)
-        assert cfg is not None, f"guarded port did not create a gate entry for {flow}"
-        base = cfg.committed_seq
-    return read_gated(conn, flow, base, gate, policy, out, timeout, reader, digest)
+        committed = gate.committed_seq(conn)
+        assert committed is not None, f"guarded listener did not gate {socket_flow(conn)}"
+        base = committed
+    return read_gated(conn, base, gate, policy, out, timeout, reader, digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,14 +111,14 @@ class Reader:
     think_s: float = 0.0
 
 
-def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
+def read_gated(conn: socket.socket, base: int, gate: Gate | None,
                policy: CommitPolicy, out: Received, timeout: float = 120.0,
                reader: Reader | None = None, digest: bool = True) -> Received:
     """Read an accepted connection to the end, committing base + bytes read by policy, answer
     one byte and close it. digest=False skips the sha256 (benchmarks: off the hot path)."""
     reader = reader or Reader()
     t0 = time.monotonic()
-    out.flow = flow
+    out.flow = socket_flow(conn)
     conn.setblocking(False)
     hasher = hashlib.sha256() if digest else None
     state = PolicyState()
@@ -132,7 +133,7 @@ def read_gated(conn: socket.socket, flow: Flow, base: int, gate: AckGate | None,
         if gate is not None:
             seq = committed_seq(base, state.committed, state.eof_committed)
             out.commits.append((time.time(), seq))
-            gate.commit(flow, seq)
+            gate.commit(conn, seq)
 
     while True:
         try:
@@ -387,33 +388,35 @@ def peer_counters(lab_run: object) -> PeerCounters:
     return PeerCounters(*(nstat(lab_run, "peer", c) for c in _PEER_COUNTERS))
 
 
-def guard_then_read(srv: socket.socket, gate: AckGate, policy: CommitPolicy,
+def guard_then_read(srv: socket.socket, gate: Gate, policy: CommitPolicy,
                     out: Received) -> Received:
     """Accept, guard the established connection from its current rcv_nxt, tell the peer to go
     (one byte) and read it to the end, committing by policy."""
     srv.settimeout(60)
-    conn, peer = srv.accept()
-    flow = Flow.of(conn.getsockname()[:2], peer[:2])
-    ici = repair.dump(conn)
-    assert ici.params.options & TcpOption.SACK, "expected SACK negotiated on an unguarded port"
-    gate.guard(flow, ici.rcv_nxt, ici.params.rcv_wscale)
+    conn, _ = srv.accept()
+    assert repair.dump(conn).params.options & TcpOption.SACK, \
+        "expected SACK negotiated on an unguarded port"
+    base = gate.guard(conn)
     conn.sendall(b"g")
-    return read_gated(conn, flow, ici.rcv_nxt, gate, policy, out)
+    return read_gated(conn, base, gate, policy, out)
 
 
 def upload(lab: Lab, port: int, size: int, guarding: Guarding,
-           policy: CommitPolicy | None = None) -> Received:
-    """One upload of size bytes from the peer to the origin, checked intact end to end."""
+           policy: CommitPolicy | None = None,
+           backend: Backend | str | None = Backend.BPF) -> Received:
+    """One upload of size bytes from the peer to the origin, checked intact end to end, gated
+    by backend (None: the one open_gate picks on this kernel)."""
     policy = policy or CommitPolicy()
     with contextlib.ExitStack() as stack:
         gate = None
         if guarding is not Guarding.UNGATED:
-            gate = stack.enter_context(AckGate("eth0", netns=lab.netns("origin")))
-        if guarding is Guarding.FROM_SYN_ACK:
-            assert gate is not None
-            gate.guard_listen(port)
+            gate = stack.enter_context(open_gate("eth0", backend=backend,
+                                                 netns=lab.netns("origin")))
         srv = lab.call("origin", listener, 4, port)
         stack.callback(srv.close)
+        if guarding is Guarding.FROM_SYN_ACK:
+            assert gate is not None
+            gate.guard_listen(srv)
         out = Received()
         if guarding is Guarding.MID_CONNECTION:
             fut = lab.submit("origin", guard_then_read, srv, gate, policy, out)

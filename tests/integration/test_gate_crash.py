@@ -1,7 +1,7 @@
-"""Crash with received-but-uncommitted bytes: with the gate, the peer still holds every byte from
-the committed sequence on (its `ss -tin`), and a connection restored on the standby from the
-committed state receives those bytes exactly once; without the gate the peer has forgotten bytes
-that died with the origin."""
+"""Crash with received-but-uncommitted bytes: with the gate (each backend the kernel has), the peer
+still holds every byte from the committed sequence on (its `ss -tin`), and a connection restored
+on the standby from the committed state receives those bytes exactly once; without the gate the
+peer has forgotten bytes that died with the origin."""
 
 from __future__ import annotations
 
@@ -10,11 +10,8 @@ import re
 import socket
 import time
 
-import pytest
-
 from kernel import repair
-from kernel.bpf.layout import Flow
-from kernel.gate import AckGate
+from kernel.gatebackend import Gate, open_gate, socket_flow
 from kernel.quarantine import Quarantine
 from kernel.sanity import RestorePolicy
 from ops import gatelab as G
@@ -41,43 +38,49 @@ def _peer_ss(lab: Lab) -> tuple[int, int]:
     return (int(m.group(1)) if m else 0), int(line.split()[2])
 
 
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def _crash_with_held_bytes(lab: Lab, gate: Gate | None) -> tuple[int, int]:
+    """Peer sends SENT bytes; origin reads READ, committing COMMITTED as it reads (gate None:
+    ungated); crash the origin; returns the peer's (bytes_acked, Send-Q)."""
+    srv = lab.call("origin", G.listener, 4, PORT)
+    try:
+        if gate is not None:
+            gate.guard_listen(srv)
+        accept = lab.submit("origin", srv.accept)
+        peer = lab.call("peer", _connect, lab.service(4))
+        conn, _ = accept.result(timeout=10)
+        conn.settimeout(10)
+        sender = lab.submit("peer", peer.sendall, b"p" * SENT)
+        base = gate.committed_seq(conn) if gate is not None else None
+        assert (base is not None) == (gate is not None)
+        got = 0
+        while got < COMMITTED:  # commits keep pace with the data (DESIGN.md section 4)
+            chunk = conn.recv(min(4096, COMMITTED - got))
+            assert chunk, "peer closed early"
+            got += len(chunk)
+            if gate is not None and base is not None:
+                gate.commit(conn, base + got)
+        # received by the origin's kernel and read, but never committed
+        assert len(G.recv_exactly(conn, READ - COMMITTED)) == READ - COMMITTED
+        time.sleep(0.3)
+        lab.crash("origin")
+        sender.result(timeout=10)
+        time.sleep(0.5)
+        return _peer_ss(lab)
+    finally:
+        srv.close()
+
+
 def test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequence_on(
-        fresh_lab: Lab, gated: bool) -> None:
-    lab = fresh_lab
-    with AckGate("eth0", netns=lab.netns("origin")) as gate:
-        if gated:
-            gate.guard_listen(PORT)
-        srv = lab.call("origin", G.listener, 4, PORT)
-        try:
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _connect, lab.service(4))
-            conn, addr = accept.result(timeout=10)
-            conn.settimeout(10)
-            flow = Flow.of(conn.getsockname()[:2], addr[:2])
-            sender = lab.submit("peer", peer.sendall, b"p" * SENT)
-            cfg = gate.config(flow)
-            assert (cfg is not None) == gated
-            got = 0
-            while got < COMMITTED:  # commits keep pace with the data (DESIGN.md section 4)
-                chunk = conn.recv(min(4096, COMMITTED - got))
-                assert chunk, "peer closed early"
-                got += len(chunk)
-                if cfg is not None:
-                    gate.commit(flow, cfg.committed_seq + got)
-            # received by the origin's kernel and read, but never committed
-            assert len(G.recv_exactly(conn, READ - COMMITTED)) == READ - COMMITTED
-            time.sleep(0.3)
-            lab.crash("origin")
-            sender.result(timeout=10)
-            time.sleep(0.5)
-            acked, held = _peer_ss(lab)
-        finally:
-            srv.close()
-    if gated:
-        assert (acked, held) == (1 + COMMITTED, SENT - COMMITTED)  # bytes_acked counts the SYN
-    else:
-        assert acked >= 1 + READ and held <= SENT - READ
+        fresh_lab: Lab, gate_backend: str) -> None:
+    with open_gate("eth0", backend=gate_backend, netns=fresh_lab.netns("origin")) as gate:
+        acked, held = _crash_with_held_bytes(fresh_lab, gate)
+    assert (acked, held) == (1 + COMMITTED, SENT - COMMITTED)  # bytes_acked counts the SYN
+
+
+def test_without_a_gate_the_crashed_origin_took_read_bytes_the_peer_no_longer_holds(
+        fresh_lab: Lab) -> None:
+    acked, held = _crash_with_held_bytes(fresh_lab, None)
+    assert acked >= 1 + READ and held <= SENT - READ
 
 
 def _pattern(n: int) -> bytes:
@@ -85,30 +88,30 @@ def _pattern(n: int) -> bytes:
 
 
 def test_connection_restored_from_the_committed_state_receives_the_held_bytes_exactly_once(
-        fresh_lab: Lab) -> None:
+        fresh_lab: Lab, gate_backend: str) -> None:
     lab = fresh_lab
     stream = _pattern(SENT)
-    with AckGate("eth0", netns=lab.netns("origin")) as gate:
-        gate.guard_listen(PORT)
+    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
         srv = lab.call("origin", G.listener, 4, PORT)
         try:
+            gate.guard_listen(srv)
             accept = lab.submit("origin", srv.accept)
             peer = lab.call("peer", _connect, lab.service(4))
-            conn, addr = accept.result(timeout=10)
+            conn, _ = accept.result(timeout=10)
             conn.settimeout(10)
-            flow = Flow.of(conn.getsockname()[:2], addr[:2])
-            cfg = gate.config(flow)
-            assert cfg is not None
+            flow = socket_flow(conn)
+            base = gate.committed_seq(conn)
+            assert base is not None
             sender = lab.submit("peer", peer.sendall, stream)
             origin_data = b""
             while len(origin_data) < COMMITTED:
                 chunk = conn.recv(min(4096, COMMITTED - len(origin_data)))
                 assert chunk, "peer closed early"
                 origin_data += chunk
-                gate.commit(flow, cfg.committed_seq + len(origin_data))
+                gate.commit(conn, base + len(origin_data))
             # the checkpoint: the endpoint as of the commit, nothing received after it
             ici = repair.dump(conn)
-            committed = (cfg.committed_seq + COMMITTED) & 0xFFFFFFFF
+            committed = (base + COMMITTED) & 0xFFFFFFFF
             checkpoint = dataclasses.replace(
                 ici, rcv_nxt=committed, received=b"",
                 window=dataclasses.replace(ici.window, rcv_wup=committed))

@@ -1,6 +1,12 @@
 """The ACK gate in the lab (MTU 1500, real kernels in namespaces), checked by a capture taken on the
 gateway, outside the origin: uploads complete intact under every commit policy, no ACK above the
-committed sequence and no SACK block ever leaves, checksums are right, freeze silences a flow."""
+committed sequence and no SACK block ever leaves, a commit's ACK leaves at once, checksums are
+right, freeze silences a flow.
+
+Tests taking `gate_backend` run against every backend the kernel has (tests/conftest.py): bpf
+here, bpf and patch in the patched guest (tests/integration/test_kernel_guest.py). The others
+test what only the eBPF gate does: rewriting checksums, freeze, fast-open refusal, TIME_WAIT
+answers and SACK stripping on a flow guarded mid-connection."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from checkpointer.commit_policy import CommitPolicy
 from kernel import repair
 from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
+from kernel.gatebackend import open_gate
 from kernel.ici import TcpOption
 from kernel.seq import after, seq_diff
 from ops import gatelab as G
@@ -46,15 +53,15 @@ def tx_checksum_in_software(lab: Lab) -> Iterator[None]:
         lab.run("origin", ["ethtool", "-K", "eth0", "tx", "on"], capture_output=True)
 
 
-def _upload(lab: Lab, family: int, policy: CommitPolicy, pcap: Path,
+def _upload(lab: Lab, family: int, policy: CommitPolicy, pcap: Path, backend: str,
             reader: G.Reader | None = None) -> tuple[G.Received, list[G.Captured], str]:
     port = next(_ports)
     cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap, f"tcp port {port}")
     try:
-        with AckGate("eth0", netns=lab.netns("origin")) as gate:
-            gate.guard_listen(port)
+        with open_gate("eth0", backend=backend, netns=lab.netns("origin")) as gate:
             srv = lab.call("origin", G.listener, family, port)
             try:
+                gate.guard_listen(srv)
                 out = G.Received()
                 fut = lab.submit("origin", G.receive_gated, srv, gate, policy, out, 120.0,
                                  reader)
@@ -142,10 +149,11 @@ def _no_stale(depths: dict[str, int]) -> bool:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves(
-        lab: Lab, capture_path: Path, tx_checksum_in_software: None, family: int) -> None:
+        lab: Lab, capture_path: Path, tx_checksum_in_software: None, family: int,
+        gate_backend: str) -> None:
     csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
     paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
-    got, segs, client_digest = _upload(lab, family, CommitPolicy(), capture_path)
+    got, segs, client_digest = _upload(lab, family, CommitPolicy(), capture_path, gate_backend)
     assert (got.nbytes, got.sha256) == (UPLOAD, G.expected_sha256(UPLOAD))
     assert client_digest == got.sha256
     assert got.flow is not None
@@ -174,7 +182,7 @@ def test_checksum_partial_segments_rewritten_by_the_gate_are_right_once_finalize
             for iface, path in (("p-origin", seeds), ("v-peer", final))]
     try:
         csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
-        got = G.upload(lab, port, 5_000_000, G.Guarding.FROM_SYN_ACK)
+        got = G.upload(lab, port, 5_000_000, G.Guarding.FROM_SYN_ACK, backend="bpf")
     finally:
         for cap in caps:
             G.stop_capture(cap)
@@ -203,8 +211,8 @@ SLOW_READER = G.Reader(chunk=64 * 1024, think_s=0.001)
     (CommitPolicy(interval_s=0.010), SLOW_READER, "timer")], ids=["every-64KiB", "every-10ms"])
 def test_gated_50mb_upload_completes_without_deadlock_under_other_policies(
         lab: Lab, capture_path: Path, policy: CommitPolicy, reader: G.Reader | None,
-        reason: str) -> None:
-    got, segs, _ = _upload(lab, 4, policy, capture_path, reader)
+        reason: str, gate_backend: str) -> None:
+    got, segs, _ = _upload(lab, 4, policy, capture_path, gate_backend, reader)
     assert (got.nbytes, got.sha256) == (UPLOAD, G.expected_sha256(UPLOAD))
     assert _acks_above_commit(got, segs) == []
     assert _no_stale(_stale_depths(got, segs)), _stale_depths(got, segs)
@@ -270,42 +278,52 @@ def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
 
 
 def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
-        lab: Lab, capture_path: Path) -> None:
+        lab: Lab, capture_path: Path, gate_backend: str) -> None:
     port = next(_ports)
-    with AckGate("eth0", netns=lab.netns("origin")) as gate:
-        gate.guard_listen(port)
-        srv = lab.call("origin", G.listener, 6, port)
-        try:
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _peer_connect, 6, port, lab.service(6))
-            conn, addr = accept.result(timeout=10)
-            flow = Flow.of(conn.getsockname()[:2], addr[:2])
-            cfg = gate.config(flow)
-            assert cfg is not None and cfg.rcv_wscale > 0
-            peer.sendall(b"x" * 3000)
-            assert len(G.recv_exactly(conn, 3000)) == 3000
-            time.sleep(0.1)  # the kernel's own ACKs have left, clamped to the handshake
-            st = gate.state(flow)
-            assert st is not None and st.acks_clamped > 0 and st.tsval is not None
-            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
-                                  f"tcp port {port}")
+    cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                          f"tcp port {port}")
+    try:
+        with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
+            srv = lab.call("origin", G.listener, 6, port)
             try:
+                gate.guard_listen(srv)
+                accept = lab.submit("origin", srv.accept)
+                peer = lab.call("peer", _peer_connect, 6, port, lab.service(6))
+                conn, _ = accept.result(timeout=10)
+                base = gate.committed_seq(conn)
+                assert base is not None
+                peer.sendall(b"x" * 3000)
+                assert len(G.recv_exactly(conn, 3000)) == 3000
+                time.sleep(0.1)  # the kernel's own ACKs have left, held at the handshake
                 t_commit = time.time()
-                assert gate.commit(flow, cfg.committed_seq + 3000)
+                assert gate.commit(conn, base + 3000)
                 time.sleep(0.3)
+                assert not gate.commit(conn, base + 2000)  # commits never go back
+                assert gate.committed_seq(conn) == (base + 3000) & 0xFFFFFFFF
+                peer.close()
+                conn.close()
             finally:
-                G.stop_capture(cap)
-            acks = [s for s in G.read_pcap(capture_path)
-                    if s.sport == port and s.ack == (cfg.committed_seq + 3000) & 0xFFFFFFFF]
-            assert acks, "no ACK carrying the committed sequence left after the commit"
-            assert acks[0].time >= t_commit
-            tsval = struct.unpack("!I", acks[0].options[acks[0].options.index(8) + 2:][:4])[0]
-            assert seq_diff(tsval, st.tsval) >= 0
-            assert not gate.commit(flow, cfg.committed_seq + 2000)  # commits never go back
-            peer.close()
-            conn.close()
-        finally:
-            srv.close()
+                srv.close()
+    finally:
+        G.stop_capture(cap)
+    segs = list(G.read_pcap(capture_path))
+    syn_ack = next(s for s in segs if s.sport == port and s.flags & SYN)
+    assert any(s.options[i:i + 2] == b"\x03\x03" and s.options[i + 2] > 0
+               for s in [syn_ack] for i in range(len(s.options) - 2))  # window scaled
+    acks = [s for s in segs if s.sport == port and s.flags & ACK and not s.flags & SYN]
+    held = [s for s in acks if s.time < t_commit]
+    assert held, "the kernel sent no ACK for the 3000 bytes before the commit"
+    assert all(s.ack == base for s in held), [s.ack - base for s in held]
+    committed = (base + 3000) & 0xFFFFFFFF
+    carrying = [s for s in acks if s.ack == committed]
+    assert carrying, "no ACK carrying the committed sequence left after the commit"
+    first = carrying[0]
+    assert first.time >= t_commit
+    # it answered the commit, not a segment of the peer's
+    assert [s for s in segs if s.dport == port and t_commit <= s.time <= first.time] == []
+    tsvals = [_tsval(s.options) for s in held]
+    assert None not in tsvals and _tsval(first.options) is not None
+    assert all(seq_diff(_tsval(first.options) or 0, t or 0) >= 0 for t in tsvals)
 
 
 def _tfo_connect(service: str, port: int, data: bytes) -> bytes:
