@@ -121,8 +121,18 @@ def qemu_command(bzimage: Path, initrd: Path, job_dir: Path, smp: int, mem_mb: i
                        "readonly=on,multidevs=remap"]
 
 
+KEEP_GUEST_LOGS = 40  # the newest serial logs kept in the cache's logs/
+
+
+def _prune_logs(logs: Path, keep: int) -> None:
+    """Remove all but the newest keep guest serial logs (each boot writes one)."""
+    old = sorted(logs.glob("guest-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in old[keep:]:
+        path.unlink(missing_ok=True)
+
+
 def boot(bzimage: Path, command: str, *, cwd: Path = REPO, timeout: float = 300.0,
-         smp: int = 2, mem_mb: int = 1024, env: dict[str, str] | None = None,
+         smp: int = 2, mem_mb: int = 2048, env: dict[str, str] | None = None,
          echo: bool = False, log_path: Path | None = None) -> GuestRun:
     """Boot bzimage, run command (a shell command line) in cwd inside the guest, return the run.
 
@@ -134,7 +144,9 @@ def boot(bzimage: Path, command: str, *, cwd: Path = REPO, timeout: float = 300.
                           f"found none")
     initrd = initramfs.build_initramfs(cache_dir() / "initramfs.cpio")
     nonce = secrets.token_hex(8)
-    log_path = log_path or cache_dir() / "logs" / f"guest-{nonce}.log"
+    if log_path is None:
+        log_path = cache_dir() / "logs" / f"guest-{nonce}.log"
+        _prune_logs(log_path.parent, KEEP_GUEST_LOGS)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tcpcp-job-") as tmp:
         job_dir = Path(tmp)

@@ -1,6 +1,8 @@
 """The patched kernel, built from kernel/patches/ and booted under qemu, passes the guest suite
-(tests/kernelguest) over veth at MTU 1500; the stock kernel in the same harness reports the
-option absent and the gate falls back to bpf.
+(tests/kernelguest) over veth at MTU 1500 and the host's gate behaviour tests (the lab's
+test_gate_lab.py and test_gate_crash.py, every test taking `gate_backend`) with backend
+`patch`; the stock kernel in the same harness reports the option absent and the gate falls
+back to bpf.
 
 Builds both kernels (cached in TCPCP_KERNEL_CACHE; a cold build takes minutes) and boots each
 once. The guest's verdict is read from its serial log: a panic, a hang or a missing verdict
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from xml.etree import ElementTree
 
 import pytest
 
@@ -19,8 +22,21 @@ from ops.kernel.qemu import GuestRun, Outcome, boot
 
 pytestmark = pytest.mark.timeout(1800)
 
-GUEST_PYTEST = (".venv/bin/python -m pytest tests/kernelguest -p no:cacheprovider -q "
-                "-o addopts= -ra --junitxml=$TCPCP_JOB_DIR/junit.xml")
+GUEST_PYTEST = (".venv/bin/python -m pytest -p no:cacheprovider -q -o addopts= -ra "
+                "--junitxml=$TCPCP_JOB_DIR/junit.xml tests/kernelguest")
+# the lab's gate behaviour tests, run with the patch backend only (bpf runs on the host)
+GATE_BEHAVIOUR = ("tests/integration/test_gate_lab.py tests/integration/test_gate_crash.py "
+                  "-k patch")
+GATE_BEHAVIOUR_TESTS = {
+    "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-4]",
+    "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-6]",
+    "test_gated_50mb_upload_completes_without_deadlock_under_other_policies[patch-every-64KiB]",
+    "test_gated_50mb_upload_completes_without_deadlock_under_other_policies[patch-every-10ms]",
+    "test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer[patch]",
+    "test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequence_on[patch]",
+    "test_connection_restored_from_the_committed_state_receives_the_held_bytes_exactly_once"
+    "[patch]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +50,19 @@ def stock() -> Iterator[BuiltKernel]:
 
 
 def _guest_suite(kernel: BuiltKernel) -> GuestRun:
-    return boot(kernel.bzimage, GUEST_PYTEST, timeout=900,
-                env={"TCPCP_GUEST_FLAVOUR": kernel.flavour.value})
+    patched = kernel.flavour is Flavour.PATCHED
+    env = {"TCPCP_GUEST_FLAVOUR": kernel.flavour.value}
+    if patched:
+        env["TCPCP_GATE_BACKENDS"] = "patch"
+    return boot(kernel.bzimage, GUEST_PYTEST + (f" {GATE_BEHAVIOUR}" if patched else ""),
+                timeout=900, env=env)
+
+
+def _passed(run: GuestRun) -> set[str]:
+    """Names of the test cases the guest's junit report lists without failure or error."""
+    root = ElementTree.fromstring(run.files.get("junit.xml", b"<testsuites/>"))
+    return {case.get("name", "") for case in root.iter("testcase")
+            if not any(child.tag in ("failure", "error", "skipped") for child in case)}
 
 
 def _counts(run: GuestRun) -> dict[str, int]:
@@ -52,8 +79,9 @@ def test_the_patched_kernel_passes_the_guest_suite(patched: BuiltKernel) -> None
     tail = "\n".join(run.serial_log.splitlines()[-80:])
     assert run.verdict.outcome is Outcome.PASSED, f"{run.verdict.detail}\n{tail}"
     counts = _counts(run)
-    assert counts["tests"] >= 15 and counts["failures"] == counts["errors"] == 0, counts
-    assert counts["skipped"] == 0, counts
+    assert counts["tests"] >= 15 + len(GATE_BEHAVIOUR_TESTS), counts
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
+    assert _passed(run) >= GATE_BEHAVIOUR_TESTS, GATE_BEHAVIOUR_TESTS - _passed(run)
 
 
 def test_the_stock_kernel_reports_the_option_absent_and_the_gate_falls_back_to_bpf(
