@@ -21,7 +21,9 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,6 +256,33 @@ def build(flavour: Flavour, jobs: int | None = None) -> BuiltKernel:
     log.info("kernel_built", flavour=flavour.value, path=str(built.bzimage), s=built.seconds,
              cpu_s=built.cpu_seconds)
     return built
+
+
+def start_background(flavours: str = "both") -> subprocess.Popen[bytes]:
+    """Start building flavours ("patched", "stock" or "both") in a child process at the lowest
+    CPU and I/O priority, logging to the cache's logs/background-build.log. A later build()
+    waits for it on the cache lock and then finds its work done (an incremental make)."""
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "background-build.log").open("wb") as out:
+        proc = subprocess.Popen(["nice", "-n", "19", "ionice", "-c", "3", sys.executable, "-m",
+                                 "ops.kernel.build", "--flavour", flavours], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    log.info("kernel_build_background", pid=proc.pid, flavours=flavours)
+    return proc
+
+
+def stop_background(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a background build that is still running (its whole process group)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _children_cpu() -> float:
