@@ -1,23 +1,25 @@
-"""ACK gate: 50 MB upload throughput gated vs ungated, and commit-to-ACK-on-the-wire latency.
+"""ACK gate: 50 MB upload throughput gated vs ungated, and commit-to-ACK-on-the-wire latency,
+for either gate backend or both, measured by the same code through kernel.gatebackend.
 
 Runs in its own lab (MTU 1500). Throughput: the peer uploads --size bytes to the origin, whose
-receiver reads with 1 MiB buffers (timed from accept to end of stream); ungated (no gate
-attached, the namespace's defaults) and gated (gate attached, guarded port: no SACK for the
-flow, server TFO off; the default commit policy: idle flush + 5 ms timer, forced ACK on every
-commit)
-alternate --runs times in the same run; throughput_ratio = median gated / median ungated MB/s.
+receiver reads with 1 MiB buffers (timed from accept to end of stream); ungated (no gate, the
+namespace's defaults) and gated (a guarded listener; the default commit policy: idle flush +
+5 ms timer, an ACK leaving on every commit) alternate --runs times in the same run;
+throughput_ratio = median gated / median ungated MB/s.
 Latency: on a guarded connection the peer sends --messages messages of 1000 bytes, 2 ms apart;
 the origin commits each as soon as it has read it. A capture on the gateway (outside the origin)
 gives the time the first segment carrying the committed ack crossed the wire; the difference to
 the instant before the commit is the commit-to-ACK latency (p50, p99 in microseconds).
-Writes bench/ackgate.json: throughput_ratio, commit_to_ack_us_p50, commit_to_ack_us_p99,
-gated_mb_s, ungated_mb_s, commits_per_upload, backend.
 
---backend patch measures the kernel series' TCP_COMMIT_SEQ instead (ops/kernel/bench_guest.py:
-a veth pair at MTU 1500, a commit after every read, the ACK stamped on the peer's interface).
-On a kernel without the option it builds (cached) and boots the patched kernel under qemu and
-runs itself there; the figures keep the same keys, with "backend": "patch". TCG emulation: they
-compare the variants measured in that guest, not with the host's bpf figures.
+--backend bpf (default) measures the eBPF gate (kernel/gate.py), patch the kernel series'
+TCP_COMMIT_SEQ, both the two in the same lab one after the other. When this kernel lacks the
+series (patch or both asked), it builds (cached) and boots the patched kernel under qemu and
+runs this same command there; "guest_seconds" then says how long the guest ran. Under TCG
+emulation the figures compare variants measured in that guest with each other, not with the
+host's.
+Writes --output (bench/ackgate.json): for one backend throughput_ratio, commit_to_ack_us_p50,
+commit_to_ack_us_p99, gated_mb_s, ungated_mb_s, commits_per_upload, latency_samples, backend;
+for both, those figures under "bpf" and "patch", and patch_vs_bpf_gated_mb_s (their ratio).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from checkpointer.commit_policy import (
     CommitPolicy,
 )
 from kernel import patch_gate
-from kernel.gate import AckGate
+from kernel.gatebackend import Gate, open_gate
+from kernel.patch_gate import Backend
 from kernel.seq import seq_diff
 from ops import gatelab, netns
 from ops.lab import Lab
@@ -78,19 +81,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=1000,
                         help="commits measured for the latency figures")
     parser.add_argument("--output", type=Path, default=Path("bench/ackgate.json"))
-    parser.add_argument("--backend", choices=[b.value for b in patch_gate.Backend],
-                        default=patch_gate.Backend.BPF.value,
-                        help="gate measured: bpf (tc program, this host) or patch "
-                        "(TCP_COMMIT_SEQ; boots the patched kernel under qemu when this "
-                        "kernel lacks it)")
+    parser.add_argument("--backend", choices=[b.value for b in Backend] + [BOTH],
+                        default=Backend.BPF.value,
+                        help="gate measured: bpf (tc program), patch (TCP_COMMIT_SEQ) or both "
+                        "in the same lab; patch and both boot the patched kernel under qemu "
+                        "when this kernel lacks it")
     parser.add_argument("--guest-timeout", type=float, default=1800.0,
                         help="seconds the patched guest may take (--backend patch, booted)")
 
 
-def _upload(lab: Lab, port: int, size: int, gate: AckGate | None, policy: CommitPolicy
+BOTH = "both"
+
+
+def _upload(lab: Lab, port: int, size: int, gate: Gate | None, policy: CommitPolicy
             ) -> tuple[float, int]:
     srv = lab.call("origin", gatelab.listener, 4, port)
     try:
+        if gate is not None:
+            gate.guard_listen(srv)
         fut = lab.submit("origin", gatelab.receive_gated, srv, gate, policy, gatelab.Received(),
                          digest=False)
         lab.run("peer", [sys.executable, "-c", _UPLOAD, lab.service(4), str(port), str(size)],
@@ -103,12 +111,13 @@ def _upload(lab: Lab, port: int, size: int, gate: AckGate | None, policy: Commit
     return size / got.seconds / 1e6, len(got.commits)
 
 
-def _latency(lab: Lab, gate: AckGate, port: int, messages: int) -> list[float]:
+def _latency(lab: Lab, gate: Gate, port: int, messages: int) -> list[float]:
     pcap = Path(tempfile.mkstemp(prefix="ackgate-", suffix=".pcap")[1])
     cap = gatelab.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
                                 f"tcp src port {port}")
     srv = lab.call("origin", gatelab.listener, 4, port)
     try:
+        gate.guard_listen(srv)
         # commit as soon as each message is read: an every-byte policy with no timer
         fut = lab.submit("origin", gatelab.receive_gated, srv, gate,
                          CommitPolicy(interval_s=None, every_bytes=1), gatelab.Received(),
@@ -140,94 +149,98 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.backend == patch_gate.Backend.PATCH.value:
-        return _run_patch(args)
+    backends = [Backend.BPF, Backend.PATCH] if args.backend == BOTH else [Backend(args.backend)]
+    if Backend.PATCH in backends and not patch_gate.commit_option_present():
+        return _run_in_guest(args)
     default = CommitPolicy()
     policy = CommitPolicy(
         interval_s=default.interval_s if args.interval_ms is None else args.interval_ms / 1000,
         every_bytes=args.every_bytes)
+    figures: dict[str, dict[str, object]] = {}
+    gated: dict[str, float] = {}
+    matched: dict[str, int] = {}
     with Lab(stores=1) as lab:
-        ungated, gated, commits = [], [], []
-        for i in range(args.runs):
-            # the baseline runs with no gate attached and the namespace's defaults (SACK on)
-            ungated.append(_upload(lab, 5600, args.size, None, policy)[0])
-            with AckGate("eth0", netns=lab.netns("origin")) as gate:
-                gate.guard_listen(5601)
-                mb_s, n = _upload(lab, 5601, args.size, gate, policy)
-            gated.append(mb_s)
-            commits.append(n)
-            log.info("upload_pair", run=i, ungated_mb_s=round(ungated[-1]),
-                     gated_mb_s=round(mb_s), commits=n)
-        with AckGate("eth0", netns=lab.netns("origin")) as gate:
-            gate.guard_listen(5602)
-            samples = _latency(lab, gate, 5602, args.messages)
-    if len(samples) < args.messages // 2:
-        print(f"only {len(samples)} of {args.messages} commits matched an ACK on the wire",
-              file=sys.stderr)
+        for n, backend in enumerate(backends):
+            b = backend.value
+            figures[b], gated[b], matched[b] = _measure(lab, backend, policy, args, 5600 + 10 * n)
+    if min(matched.values()) < args.messages // 2:
+        print(f"expected at least half of {args.messages} commits to match an ACK on the wire, "
+              f"got {matched}", file=sys.stderr)
         return 1
-    results = {
+    if len(figures) == 1:
+        _report(next(iter(figures.values())), args.output)
+        return 0
+    both: dict[str, object] = dict(figures)
+    both["patch_vs_bpf_gated_mb_s"] = round(gated["patch"] / gated["bpf"], 3)
+    _report(both, args.output)
+    return 0
+
+
+def _measure(lab: Lab, backend: Backend, policy: CommitPolicy, args: argparse.Namespace,
+             port: int) -> tuple[dict[str, object], float, int]:
+    """The backend's figures, its median gated MB/s and how many commits matched an ACK."""
+    ungated, gated, commits = [], [], []
+    for i in range(args.runs):
+        # the baseline runs with no gate and the namespace's defaults (SACK on)
+        ungated.append(_upload(lab, port, args.size, None, policy)[0])
+        with open_gate("eth0", backend=backend, netns=lab.netns("origin")) as gate:
+            mb_s, n = _upload(lab, port + 1, args.size, gate, policy)
+        gated.append(mb_s)
+        commits.append(n)
+        log.info("upload_pair", backend=backend.value, run=i, ungated_mb_s=round(ungated[-1]),
+                 gated_mb_s=round(mb_s), commits=n)
+    with open_gate("eth0", backend=backend, netns=lab.netns("origin")) as gate:
+        samples = _latency(lab, gate, port + 2, args.messages)
+    figures: dict[str, object] = {
         "throughput_ratio": round(statistics.median(gated) / statistics.median(ungated), 3),
         "gated_mb_s": round(statistics.median(gated), 1),
         "ungated_mb_s": round(statistics.median(ungated), 1),
         "commits_per_upload": int(statistics.median(commits)),
-        "commit_to_ack_us_p50": round(_pct(samples, 50), 1),
-        "commit_to_ack_us_p99": round(_pct(samples, 99), 1),
+        "commit_to_ack_us_p50": round(_pct(samples, 50), 1) if samples else None,
+        "commit_to_ack_us_p99": round(_pct(samples, 99), 1) if samples else None,
         "latency_samples": len(samples),
         "upload_bytes": args.size,
         "policy_interval_ms": None if policy.interval_s is None else policy.interval_s * 1000,
         "policy_every_bytes": policy.every_bytes,
-        "backend": patch_gate.Backend.BPF.value,
+        "backend": backend.value,
     }
-    _report(results, args.output)
-    return 0
+    return figures, statistics.median(gated), len(samples)
 
 
 def _report(results: dict[str, object], output: Path) -> None:
     for key, value in results.items():
-        print(f"{key:24} {value}")
+        if isinstance(value, dict):
+            print(f"== backend {key}")
+            for k, v in value.items():
+                print(f"  {k:24} {v}")
+        else:
+            print(f"{key:24} {value}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"wrote {output}")
 
 
-def _run_patch(args: argparse.Namespace) -> int:
-    """The patch backend's figures: measured here when this kernel has TCP_COMMIT_SEQ, else
-    in the patched guest (which runs this same command)."""
-    if args.interval_ms is not None or args.every_bytes is not None:
-        print("--interval-ms/--every-bytes apply to --backend bpf only (the patch bench "
-              "commits after every read)", file=sys.stderr)
-        return 2
-    if patch_gate.commit_option_present():
-        from ops.kernel import bench_guest
-
-        results = bench_guest.measure(args.size, args.runs, args.messages)
-    else:
-        booted = _measure_in_guest(args)
-        if booted is None:
-            return 1
-        results = booted
-    results["backend"] = patch_gate.Backend.PATCH.value
-    _report(results, args.output)
-    return 0
-
-
-def _measure_in_guest(args: argparse.Namespace) -> dict[str, object] | None:
-    """Boot the patched kernel (cached build) and run `bench ackgate --backend patch` in it."""
+def _run_in_guest(args: argparse.Namespace) -> int:
+    """Boot the patched kernel (cached build) and run this same bench in it."""
     from ops.kernel.build import Flavour, build
     from ops.kernel.qemu import boot
 
     kernel = build(Flavour.PATCHED)
-    command = (f".venv/bin/python -m ops.cli bench ackgate --backend patch --size {args.size} "
-               f"--runs {args.runs} --messages {args.messages} "
+    policy = "".join(f" --{name} {value}" for name, value in
+                     (("interval-ms", args.interval_ms), ("every-bytes", args.every_bytes))
+                     if value is not None)
+    command = (f".venv/bin/python -m ops.cli bench ackgate --backend {args.backend} "
+               f"--size {args.size} --runs {args.runs} --messages {args.messages}{policy} "
                "--output $TCPCP_JOB_DIR/ackgate.json")
-    log.info("ackgate_patch_guest", bzimage=str(kernel.bzimage), command=command)
+    log.info("ackgate_guest", bzimage=str(kernel.bzimage), command=command)
     guest = boot(kernel.bzimage, command, timeout=args.guest_timeout)
     raw = guest.files.get("ackgate.json")
     if not guest.verdict.passed or raw is None:
         print(f"expected the patched guest to write ackgate.json, got "
               f"{guest.verdict.outcome.value} ({guest.verdict.detail}); log {guest.log_path}",
               file=sys.stderr)
-        return None
+        return 1
     figures: dict[str, object] = json.loads(raw)
     figures["guest_seconds"] = guest.seconds
-    return figures
+    _report(figures, args.output)
+    return 0
