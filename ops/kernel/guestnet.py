@@ -307,7 +307,9 @@ def inject(ns: str, src: tuple[str, int], dst: tuple[str, int], seq: int, ack: i
     run_in(ns, send)
 
 
+# tcp_info's state (include/net/tcp_states.h)
 TCP_INFO_STATE_FIN_WAIT1, TCP_INFO_STATE_FIN_WAIT2 = 4, 5
+TCP_INFO_STATE_CLOSE, TCP_INFO_STATE_LAST_ACK = 7, 9
 
 
 def tcp_state(sock: socket.socket) -> int:

@@ -19,8 +19,11 @@ from kernel import patch_gate
 from kernel.patch_gate import CommitRefused, PatchGate
 from kernel.seq import after, seq_add, seq_diff
 from ops.kernel.guestnet import (
+    TCP_FIN,
+    TCP_INFO_STATE_CLOSE,
     TCP_INFO_STATE_FIN_WAIT1,
     TCP_INFO_STATE_FIN_WAIT2,
+    TCP_INFO_STATE_LAST_ACK,
     TCP_SYN,
     Capture,
     VethPair,
@@ -173,6 +176,59 @@ def test_a_fin_is_acknowledged_only_once_the_commit_passes_it(pair: VethPair) ->
             cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, 1001))
             wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
                        what="the peer's FIN acknowledged")
+
+
+def _active_close_holding_the_peers_fin(pair: VethPair, gate: PatchGate, cap: Capture,
+                                        server: socket.socket, client: socket.socket) -> int:
+    """Origin closes first (its FIN), the peer answers with its own FIN, which the origin's
+    application reads but does not commit; returns the FIN's end (seq + 1) once the peer has
+    retransmitted it at least once and every answer so far held it."""
+    base = gate.config(server).commit_seq
+    client.sendall(b"e" * 1000)
+    assert _recv_exactly(server, 1000) == b"e" * 1000
+    assert gate.commit(server, seq_add(base, 1000))
+    server.shutdown(socket.SHUT_WR)
+    assert client.recv(10) == b""
+    client.shutdown(socket.SHUT_WR)
+    assert server.recv(10) == b""  # the application has read the end of stream
+    origin = pair.origin_addr(4)
+    wait_until(lambda: len([s for s in cap.segments() if s.src != origin
+                            and s.flags & TCP_FIN]) >= 2,
+               what="the peer's FIN retransmitted (it was not acknowledged)")
+    assert tcp_state(server) == TCP_INFO_STATE_FIN_WAIT2  # not a TIME_WAIT socket
+    assert tcp_state(client) == TCP_INFO_STATE_LAST_ACK
+    fin_end = seq_add(base, 1001)
+    assert not [s for s in cap.segments(src=origin) if s.ack == fin_end]
+    return fin_end
+
+
+def test_after_an_active_close_the_peers_fin_waits_for_the_commit_before_time_wait(
+        pair: VethPair) -> None:
+    gate = PatchGate()
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(4, guard_listen=True)
+        with server, client:
+            fin_end = _active_close_holding_the_peers_fin(pair, gate, cap, server, client)
+            origin = pair.origin_addr(4)
+            assert gate.commit(server, fin_end)
+            cap.wait_for(lambda s: s.src == origin and s.ack == fin_end)
+            wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_CLOSE,
+                       what="the peer's connection closed by the ACK of its FIN")
+            assert tcp_state(server) == TCP_INFO_STATE_CLOSE  # handed to a TIME_WAIT socket
+
+
+def test_closing_a_socket_that_holds_its_peers_fin_acknowledges_it(pair: VethPair) -> None:
+    gate = PatchGate()
+    with Capture(pair.peer_ns) as cap:
+        server, client = pair.connect(4, guard_listen=True)
+        with server, client:
+            fin_end = _active_close_holding_the_peers_fin(pair, gate, cap, server, client)
+            server.close()
+            origin = pair.origin_addr(4)
+            cap.wait_for(lambda s: s.src == origin and s.ack == fin_end)
+            wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_CLOSE,
+                       what="the peer's connection closed by the ACK of its FIN")
+            assert not [s for s in cap.segments(src=origin) if s.flags & 0x04]  # no RST
 
 
 def test_the_commit_reads_back_and_is_refused_backwards_or_beyond_what_arrived(
