@@ -243,8 +243,12 @@ def test_leftovers_of_the_same_prefix_are_removed_before_building() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_lab_is_removed_when_its_process_is_interrupted(sig: signal.Signals) -> None:
+    # A process started from a background job of a non-interactive shell inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: the child would sleep
+    # through the signal. It sets the handler an interactive process has.
     script = textwrap.dedent("""
-        import json, time
+        import json, signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from ops import logs
         from ops.lab import lab
         logs.configure("json", "warning")
