@@ -8,6 +8,9 @@ are copied before patching, so the pristine source never changes), and ccache's 
 ignores the directory). A rebuild with nothing changed is an incremental `make`.
 
     python -m ops.kernel.build --flavour patched     # prints the bzImage path and seconds
+
+A test session that boots guests starts both builds in the background first
+(start_background, from tests/conftest.py), so they overlap the rest of the suite.
 """
 
 from __future__ import annotations
