@@ -1,8 +1,8 @@
 """The patched kernel, built from kernel/patches/ and booted under qemu, passes the guest suite
 (tests/kernelguest) over veth at MTU 1500 and the host's gate behaviour tests (the lab's
-test_gate_lab.py and test_gate_crash.py, every test taking `gate_backend`) with backend
-`patch`; the stock kernel in the same harness reports the option absent and the gate falls
-back to bpf.
+test_gate_lab.py, test_gate_crash.py and test_gate_probes.py, every test taking
+`gate_backend`) with backend `patch`; the stock kernel in the same harness reports the
+option absent and the gate falls back to bpf.
 
 Builds both kernels (cached in TCPCP_KERNEL_CACHE; a cold build takes minutes) and boots each
 once. The guest's verdict is read from its serial log: a panic, a hang or a missing verdict
@@ -26,7 +26,7 @@ GUEST_PYTEST = (".venv/bin/python -m pytest -p no:cacheprovider -q -o addopts= -
                 "--junitxml=$TCPCP_JOB_DIR/junit.xml tests/kernelguest")
 # the lab's gate behaviour tests, run with the patch backend only (bpf runs on the host)
 GATE_BEHAVIOUR = ("tests/integration/test_gate_lab.py tests/integration/test_gate_crash.py "
-                  "-k patch")
+                  "tests/integration/test_gate_probes.py -k patch")
 GATE_BEHAVIOUR_TESTS = {
     "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-4]",
     "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-6]",
@@ -36,6 +36,9 @@ GATE_BEHAVIOUR_TESTS = {
     "test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequence_on[patch]",
     "test_connection_restored_from_the_committed_state_receives_the_held_bytes_exactly_once"
     "[patch]",
+    "test_keepalives_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
+    "test_zero_window_probes_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
+    "test_challenge_acks_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
 }
 
 
