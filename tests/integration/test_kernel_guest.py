@@ -102,6 +102,15 @@ def test_a_failing_guest_command_is_reported_with_its_exit_status(stock: BuiltKe
     assert "about-to-fail" in run.serial_log
 
 
+def test_a_guest_whose_kernel_panics_fails_the_run_with_the_panic_named(
+        stock: BuiltKernel) -> None:
+    run = boot(stock.bzimage, "echo about-to-crash; echo c > /proc/sysrq-trigger; sleep 60",
+               timeout=120)
+    assert run.verdict.outcome is Outcome.KERNEL_PROBLEM, run.verdict
+    assert "Kernel panic" in run.verdict.detail and "about-to-crash" in run.serial_log
+    assert run.seconds < 100  # panic=-1 reboots at once and qemu's -no-reboot ends the run
+
+
 def test_a_guest_that_hangs_is_stopped_and_reported_without_verdict(stock: BuiltKernel) -> None:
     run = boot(stock.bzimage, "echo hanging; sleep 600", timeout=20)
     assert run.verdict.outcome is Outcome.NO_VERDICT and "hang" in run.verdict.detail

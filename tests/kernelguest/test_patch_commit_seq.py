@@ -231,6 +231,64 @@ def test_closing_a_socket_that_holds_its_peers_fin_acknowledges_it(pair: VethPai
             assert not [s for s in cap.segments(src=origin) if s.flags & 0x04]  # no RST
 
 
+def _fast_open_once(pair: VethPair, gated: bool, port: int, data: bytes
+                   ) -> tuple[socket.socket, socket.socket, int | None]:
+    """A Fast Open client (no cookie needed) sends data in its SYN to a listener, gated or
+    not; returns (accepted socket, client, the gate's commit at accept or None)."""
+    origin = pair.origin_addr(4)
+
+    def listen() -> socket.socket:
+        Path("/proc/sys/net/ipv4/tcp_fastopen").write_text("515")  # 0x203: server, no cookie
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 16)
+        lst.bind((origin, port))
+        lst.listen(4)
+        return lst
+
+    def send() -> socket.socket:
+        Path("/proc/sys/net/ipv4/tcp_fastopen").write_text("5")  # client, no cookie
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.sendto(data, socket.MSG_FASTOPEN, (origin, port))
+        return s
+
+    listener = run_in(pair.origin_ns, listen)
+    try:
+        if gated:
+            PatchGate().guard_listen(listener)
+        client = run_in(pair.peer_ns, send)
+        listener.settimeout(10)
+        server, _ = listener.accept()
+    finally:
+        listener.close()
+    return server, client, (PatchGate().config(server).commit_seq if gated else None)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
+def test_a_gated_listener_takes_no_fast_open_data_in_the_syn(pair: VethPair, gated: bool
+                                                              ) -> None:
+    data = b"t" * 200
+    port = 5301 + gated
+    with Capture(pair.peer_ns) as cap:
+        server, client, base = _fast_open_once(pair, gated, port, data)
+        with server, client:
+            server.settimeout(10)
+            assert _recv_exactly(server, len(data)) == data
+            syn = cap.wait_for(lambda s: s.dport == port and s.flags & TCP_SYN == TCP_SYN
+                               and not s.is_ack)
+            syn_ack = cap.wait_for(lambda s: s.sport == port and s.flags & TCP_SYN == TCP_SYN)
+            if not gated:  # the control: Fast Open works here, the SYN-ACK acks the data
+                assert syn.payload_len == len(data)
+                assert syn_ack.ack == seq_add(syn.seq, 1 + len(data))
+                return
+            assert syn_ack.ack == seq_add(syn.seq, 1)  # the SYN's data was not taken
+            assert base == seq_add(syn.seq, 1)
+            origin = pair.origin_addr(4)
+            assert not [s for s in cap.segments(src=origin) if after(s.ack, base)]
+            assert PatchGate().commit(server, seq_add(base, len(data)))
+            cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, len(data)))
+
+
 def test_the_commit_reads_back_and_is_refused_backwards_or_beyond_what_arrived(
         pair: VethPair) -> None:
     gate = PatchGate()
