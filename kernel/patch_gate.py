@@ -220,5 +220,11 @@ class PatchGate:
                                  f"ungated one (fd {sock.fileno()})")
         if not after(seq, info.commit_seq):
             return False
-        set_commit(sock, seq)
+        try:
+            set_commit(sock, seq)
+        except CommitRefused:
+            # a concurrent commit may have passed seq since it was read: nothing left to do
+            if not after(seq, commit_info(sock).commit_seq):
+                return False
+            raise
         return True

@@ -1,8 +1,8 @@
 """The patched kernel, built from kernel/patches/ and booted under qemu, passes the guest suite
 (tests/kernelguest) over veth at MTU 1500 and the host's gate behaviour tests (the lab's
-test_gate_lab.py, test_gate_crash.py and test_gate_probes.py, every test taking
-`gate_backend`) with backend `patch`; the stock kernel in the same harness reports the
-option absent and the gate falls back to bpf.
+test_gate_lab.py, test_gate_crash.py, test_gate_probes.py and test_gate_commit_race.py,
+every test taking `gate_backend`) with backend `patch`; the stock kernel in the same harness
+reports the option absent and the gate falls back to bpf.
 
 Builds both kernels (cached in TCPCP_KERNEL_CACHE; a cold build takes minutes) and boots each
 once. The guest's verdict is read from its serial log: a panic, a hang or a missing verdict
@@ -25,8 +25,9 @@ pytestmark = pytest.mark.timeout(1800)
 GUEST_PYTEST = (".venv/bin/python -m pytest -p no:cacheprovider -q -o addopts= -ra "
                 "--junitxml=$TCPCP_JOB_DIR/junit.xml tests/kernelguest")
 # the lab's gate behaviour tests, run with the patch backend only (bpf runs on the host)
-GATE_BEHAVIOUR = ("tests/integration/test_gate_lab.py tests/integration/test_gate_crash.py "
-                  "tests/integration/test_gate_probes.py -k patch")
+GATE_BEHAVIOUR = " ".join(
+    [f"tests/integration/test_gate_{name}.py" for name in ("lab", "crash", "probes", "commit_race")]
+    + ["-k patch"])
 GATE_BEHAVIOUR_TESTS = {
     "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-4]",
     "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-6]",
@@ -39,6 +40,7 @@ GATE_BEHAVIOUR_TESTS = {
     "test_keepalives_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
     "test_zero_window_probes_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
     "test_challenge_acks_of_a_guarded_flow_leave_clamped_and_the_connection_survives[patch]",
+    "test_acks_of_concurrent_commits_never_go_back[patch]",
 }
 
 
