@@ -17,6 +17,7 @@ does (freeze/thaw and counters are the eBPF gate's).
 from __future__ import annotations
 
 import socket
+import weakref
 from types import TracebackType
 
 import structlog
@@ -44,6 +45,10 @@ class Gate:
         self.netns = netns
         self._bpf: AckGate | None = None
         self._patch: PatchGate | None = None
+        # the bpf gate keys flows by 4-tuple: remembered per socket, so that a socket whose
+        # connection has ended (TIME_WAIT: no peer name any more) can still commit its FIN
+        self._flows: weakref.WeakKeyDictionary[socket.socket, Flow] = \
+            weakref.WeakKeyDictionary()
 
     def open(self) -> Gate:
         """Attach the eBPF gate / check the patched kernel; a second call changes nothing."""
@@ -97,7 +102,7 @@ class Gate:
             return self.patch_gate.guard(sock, committed_seq).commit_seq
         rcv_nxt, wscale = repair.rcv_nxt_and_wscale(sock)
         seq = (rcv_nxt if committed_seq is None else committed_seq) & 0xFFFFFFFF
-        self.bpf_gate.guard(socket_flow(sock), seq, wscale)
+        self.bpf_gate.guard(self._flow(sock), seq, wscale)
         return seq
 
     def committed_seq(self, sock: socket.socket) -> int | None:
@@ -105,7 +110,7 @@ class Gate:
         if self.backend is Backend.PATCH:
             info = self.patch_gate.config(sock)
             return info.commit_seq if info.gated else None
-        cfg = self.bpf_gate.config(socket_flow(sock))
+        cfg = self.bpf_gate.config(self._flow(sock))
         return cfg.committed_seq if cfg is not None and cfg.guarded else None
 
     def commit(self, sock: socket.socket, seq: int) -> bool:
@@ -113,7 +118,13 @@ class Gate:
         leaves at once. False (nothing changes) when seq is not after the current commit."""
         if self.backend is Backend.PATCH:
             return self.patch_gate.commit(sock, seq)
-        return self.bpf_gate.commit(socket_flow(sock), seq)
+        return self.bpf_gate.commit(self._flow(sock), seq)
+
+    def _flow(self, sock: socket.socket) -> Flow:
+        flow = self._flows.get(sock)
+        if flow is None:
+            flow = self._flows[sock] = socket_flow(sock)
+        return flow
 
 
 class GateUnavailable(KernelError):
