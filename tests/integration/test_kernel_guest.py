@@ -19,6 +19,7 @@ import pytest
 
 from ops.kernel.build import BuiltKernel, Flavour, build
 from ops.kernel.qemu import GuestRun, Outcome, boot
+from tests.kernelguest.held_acks import Guarding
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -99,7 +100,9 @@ def test_the_stock_kernel_reports_the_option_absent_and_the_gate_falls_back_to_b
     tail = "\n".join(run.serial_log.splitlines()[-60:])
     assert run.verdict.outcome is Outcome.PASSED, f"{run.verdict.detail}\n{tail}"
     counts = _counts(run)
-    assert counts["tests"] == 3 and counts["failures"] == counts["errors"] == 0, counts
+    assert counts["tests"] == 5 and counts["failures"] == counts["errors"] == 0, counts
+    assert {f"test_the_default_gate_on_the_stock_kernel_holds_acks_with_bpf[{g.value}]"
+            for g in Guarding} <= _passed(run)
 
 
 def test_a_failing_guest_command_is_reported_with_its_exit_status(stock: BuiltKernel) -> None:

@@ -1,15 +1,32 @@
 """On the stock (unpatched) guest kernel the patch backend reports itself absent and the gate
-falls back to bpf."""
+falls back to bpf: open_gate() with no backend named holds a connection's ACKs with the eBPF
+gate, over a veth pair at MTU 1500."""
 
 from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Iterator
 
 import pytest
 
 from kernel import patch_gate
+from kernel.gatebackend import open_gate
 from kernel.patch_gate import Backend, OptionAbsent, PatchGate
+from ops.kernel.guestnet import VethPair, run_in
+from tests.kernelguest.held_acks import (
+    Guarding,
+    check_acks_held_until_committed,
+    listen_and_connect,
+)
+
+PORT = 5930
+
+
+@pytest.fixture
+def pair() -> Iterator[VethPair]:
+    with VethPair() as p:
+        yield p
 
 
 def test_the_stock_kernel_answers_enoprotoopt_for_tcp_commit_seq() -> None:
@@ -29,3 +46,23 @@ def test_asking_for_the_patch_backend_on_a_stock_kernel_is_refused() -> None:
         patch_gate.select_backend("patch")
     with pytest.raises(OptionAbsent):
         PatchGate()
+
+
+@pytest.mark.parametrize("guarding", list(Guarding), ids=lambda g: g.value)
+def test_the_default_gate_on_the_stock_kernel_holds_acks_with_bpf(pair: VethPair,
+                                                                   guarding: Guarding) -> None:
+    def listen() -> socket.socket:
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind((pair.origin_addr(4), PORT))
+        lst.listen(4)
+        return lst
+
+    with open_gate("eth0", netns=pair.origin_ns) as gate:
+        assert gate.backend is Backend.BPF
+        server, client, base = listen_and_connect(
+            gate, guarding, lambda: run_in(pair.origin_ns, listen),
+            lambda: run_in(pair.peer_ns, lambda: socket.create_connection(
+                (pair.origin_addr(4), PORT), 10)))
+        with server, client:
+            check_acks_held_until_committed(gate, server, client, base)
