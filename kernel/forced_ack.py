@@ -9,21 +9,17 @@ pure; `RawSender` is the thin I/O shell (IPPROTO_RAW sockets: send-only, we buil
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import ipaddress
-import os
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
 from kernel.bpf.layout import Flow
 from kernel.errors import KernelError
+from kernel.netns import entered
 from kernel.seq import seq_diff
 
-_CLONE_NEWNET = 0x40000000
 _ACK = 0x10
 MAX_WINDOW = 0xFFFF
 
@@ -85,41 +81,11 @@ def build_ack(spec: AckSpec) -> bytes:
     return ip + tcp
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise ForcedAckError(f"expected setns to succeed, got {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def entered_netns(name: str | None) -> Iterator[None]:
-    """The current thread is in network namespace name (/var/run/netns/name) for the block."""
-    if name is None:
-        yield
-        return
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
-
-
 class RawSender:
     """Send-only raw sockets (one per address family) living in a network namespace."""
 
     def __init__(self, netns: str | None = None) -> None:
-        with entered_netns(netns):
+        with entered(netns):
             self._v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             self._v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
 

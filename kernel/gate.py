@@ -53,8 +53,9 @@ from kernel import bpfbuild
 from kernel.bpf import layout
 from kernel.bpf.layout import GATE_FROZEN, GATE_GUARDED, Flow, flow_key
 from kernel.errors import KernelError
-from kernel.forced_ack import AckSpec, RawSender, ack_window, entered_netns
+from kernel.forced_ack import AckSpec, RawSender, ack_window
 from kernel.libbpf import BpfMap, BpfObject
+from kernel.netns import entered
 from kernel.seq import after
 from kernel.tcfilter import Direction, TcHook, TcTarget
 
@@ -416,9 +417,9 @@ class AckGate:
             self.log.info("sysctl_overridden", key=key, was=current, now=wanted)
 
     def _read_sysctl(self, key: str) -> str:
-        with entered_netns(self.netns):
+        with entered(self.netns):
             return Path("/proc/sys", key).read_text().strip()
 
     def _write_sysctl(self, key: str, value: str) -> None:
-        with entered_netns(self.netns):
+        with entered(self.netns):
             Path("/proc/sys", key).write_text(value)

@@ -2,32 +2,24 @@
 one, find and kill every process living in one, create and remove namespaces.
 
 Namespaces are the named ones under /var/run/netns (as `ip netns` makes them), created and
-removed with pyroute2. A thread enters a namespace with setns(2); sockets it creates there stay
-there. Processes are started through `nsenter --net=PATH` (util-linux), which execs the command
-in place, so the child's pid is the command's pid.
+removed with pyroute2. A thread enters a namespace with setns(2) (kernel/netns.py); sockets it
+creates there stay there. Processes are started through `nsenter --net=PATH` (util-linux),
+which execs the command in place, so the child's pid is the command's pid.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pyroute2 import netns as _netns
 
-NETNS_DIR = "/var/run/netns"
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def path(name: str) -> str:
-    return os.path.join(NETNS_DIR, name)
+from kernel.netns import NETNS_DIR, entered, path, setns
 
 
 def exists(name: str) -> bool:
@@ -55,30 +47,6 @@ def remove(name: str) -> None:
     kill_all(name)
     with contextlib.suppress(FileNotFoundError):
         _netns.remove(name)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
-    """The current thread runs inside namespace `name` until the block ends."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(path(name), os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
 
 
 def inode(name: str) -> int:
@@ -165,7 +133,7 @@ def join(ns_path: str) -> None:
     """Move the calling thread into the namespace at `ns_path` for good (thread initialiser)."""
     fd = os.open(ns_path, os.O_RDONLY)
     try:
-        _setns(fd)
+        setns(fd)
     finally:
         os.close(fd)
 
