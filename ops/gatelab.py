@@ -280,43 +280,6 @@ def read_pcap_frames(path: Path) -> Iterator[tuple[float, bytes, bool]]:
         off += 16 + caplen
 
 
-def option_kinds(options: bytes) -> list[int]:
-    kinds, i = [], 0
-    while i < len(options):
-        kind = options[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        kinds.append(kind)
-        if i + 1 >= len(options) or options[i + 1] < 2:
-            break
-        i += options[i + 1]
-    return kinds
-
-
-def sack_blocks(options: bytes) -> list[tuple[int, int]]:
-    """The (left, right) edges of the SACK blocks in a segment's TCP options."""
-    blocks: list[tuple[int, int]] = []
-    i = 0
-    while i < len(options):
-        kind = options[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(options) or options[i + 1] < 2:
-            break
-        length = options[i + 1]
-        if kind == 5:
-            body = options[i + 2:i + length]
-            blocks += [struct.unpack_from("!II", body, j) for j in range(0, len(body) - 7, 8)]
-        i += length
-    return blocks
-
-
 def nstat(lab_run: object, host: str, counter: str) -> int:
     """Absolute value of a kernel SNMP counter in a lab host (nstat -az, no history update)."""
     result = lab_run(host, ["nstat", "-asz", counter], capture_output=True, text=True,  # type: ignore[operator]

@@ -29,7 +29,7 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 from kernel import patch_gate
-from ops import netns
+from ops import netns, tcpoptions
 
 T = TypeVar("T")
 ETH_P_ALL = 0x0003
@@ -61,29 +61,6 @@ class Segment:
         return bool(self.flags & TCP_ACK)
 
 
-def _tcp_options(raw: bytes) -> tuple[int | None, tuple[tuple[int, int], ...]]:
-    wscale: int | None = None
-    sack: list[tuple[int, int]] = []
-    i = 0
-    while i < len(raw):
-        kind = raw[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(raw) or raw[i + 1] < 2:
-            break
-        length = raw[i + 1]
-        body = raw[i + 2:i + length]
-        if kind == 3 and len(body) == 1:
-            wscale = body[0]
-        elif kind == 5:
-            sack.extend(struct.unpack("!II", body[j:j + 8]) for j in range(0, len(body), 8))
-        i += length
-    return wscale, tuple(sack)
-
-
 def parse_frame(frame: bytes, at: float) -> Segment | None:
     """The TCP segment in an Ethernet frame, or None for anything else."""
     ethertype = struct.unpack("!H", frame[12:14])[0]
@@ -105,7 +82,7 @@ def parse_frame(frame: bytes, at: float) -> Segment | None:
         return None
     sport, dport, seq, ack, off_flags, window = struct.unpack("!HHIIHH", tcp[:16])
     doff = (off_flags >> 12) * 4
-    wscale, sack = _tcp_options(tcp[20:doff])
+    wscale, sack = tcpoptions.wscale(tcp[20:doff]), tuple(tcpoptions.sack_blocks(tcp[20:doff]))
     return Segment(at, src, dst, sport, dport, seq, ack, off_flags & 0x3F, window,
                    tcp_len - doff, wscale, sack)
 

@@ -28,7 +28,7 @@ from kernel.ici import TcpOption
 from kernel.patch_gate import Backend
 from kernel.seq import after, seq_diff
 from ops import gatelab as G
-from ops import netns
+from ops import netns, tcpoptions
 from ops.lab import Lab
 from tests.integration import gatepackets as G_packets
 
@@ -117,17 +117,8 @@ def _reorder_depth(values: list[int | None]) -> int:
 
 
 def _tsval(options: bytes) -> int | None:
-    i = 0
-    while i < len(options) and options[i] != 0:
-        if options[i] == 1:
-            i += 1
-            continue
-        if options[i] == 8 and i + 10 <= len(options):
-            return int(struct.unpack_from("!I", options, i + 2)[0])
-        if i + 1 >= len(options) or options[i + 1] < 2:
-            break
-        i += options[i + 1]
-    return None
+    ts = tcpoptions.timestamps(options)
+    return None if ts is None else ts[0]
 
 
 def _stale_depths(got: G.Received, segs: list[G.Captured]) -> dict[str, int]:
@@ -135,8 +126,7 @@ def _stale_depths(got: G.Received, segs: list[G.Captured]) -> dict[str, int]:
     assert got.flow is not None
     out = [s for s in segs if s.sport == got.flow.local_port and s.flags & ACK]
     syn_ack = next(s for s in out if s.flags & SYN)
-    ws = next((s.options[i + 2] for s in [syn_ack] for i in range(len(s.options) - 2)
-               if s.options[i] == 3 and s.options[i + 1] == 3), 0)
+    ws = tcpoptions.wscale(syn_ack.options) or 0
     out = [s for s in out if not s.flags & (SYN | RST)]
     return {"ack": _reorder_depth([s.ack for s in out]),
             "edge": _reorder_depth([(s.ack + (s.window << ws)) & 0xFFFFFFFF for s in out]),
@@ -160,7 +150,7 @@ def test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves
     origin_out = [s for s in segs if s.sport == got.flow.local_port]
     assert len(origin_out) > 100
     assert _acks_above_commit(got, segs) == []
-    assert [s for s in origin_out if 5 in G.option_kinds(s.options)] == []
+    assert [s for s in origin_out if 5 in tcpoptions.kinds(s.options)] == []
     # no forced or kernel ACK carries a stale ack, right edge or TSval; the peer drops none
     assert _no_stale(_stale_depths(got, segs)), _stale_depths(got, segs)
     assert len(got.commits) > 10
@@ -308,8 +298,7 @@ def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
         G.stop_capture(cap)
     segs = list(G.read_pcap(capture_path))
     syn_ack = next(s for s in segs if s.sport == port and s.flags & SYN)
-    assert any(s.options[i:i + 2] == b"\x03\x03" and s.options[i + 2] > 0
-               for s in [syn_ack] for i in range(len(s.options) - 2))  # window scaled
+    assert (tcpoptions.wscale(syn_ack.options) or 0) > 0  # window scaled
     acks = [s for s in segs if s.sport == port and s.flags & ACK and not s.flags & SYN]
     held = [s for s in acks if s.time < t_commit]
     assert held, "the kernel sent no ACK for the 3000 bytes before the commit"
@@ -504,7 +493,7 @@ def test_no_sack_block_above_the_commit_leaves_a_flow_guarded_mid_connection(
             srv.close()
     from_origin = [s for s in G.read_pcap(capture_path) if s.sport == port]
     assert len(from_origin) >= 2  # the origin answered both injected segments
-    blocks = [b for s in from_origin for b in G.sack_blocks(s.options)]
+    blocks = [b for s in from_origin for b in tcpoptions.sack_blocks(s.options)]
     assert [b for b in blocks if after(b[1], ici.rcv_nxt)] == []
     if counters is not None:
         assert blocks == [] and counters.sack_stripped >= 2

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 import socket
-import struct
 import time
 from pathlib import Path
 
 from kernel.bpf.layout import Flow
 from kernel.quarantine import Observation, Quarantine
 from ops import gatelab as G
-from ops import netns
+from ops import netns, tcpoptions
 from ops.lab import Lab
 
 PORT = 5400
@@ -72,11 +71,6 @@ def _send_q(ss: str) -> int:
     return int(line.split()[2])
 
 
-def _tsval_tsecr(options: bytes) -> tuple[int, int]:
-    i = options.index(b"\x08\x0a")
-    return struct.unpack("!II", options[i + 2:i + 10])
-
-
 def test_quarantined_standby_sends_no_reset_and_records_the_peers_state(
         fresh_lab: Lab, tmp_path: Path) -> None:
     with Quarantine("eth0", netns=fresh_lab.netns("standby")) as q:
@@ -92,7 +86,7 @@ def test_quarantined_standby_sends_no_reset_and_records_the_peers_state(
     assert (seen.seq, seen.ack, seen.window, seen.tcp_flags) == (
         last.seq, last.ack, last.window, last.flags)
     assert seen.end_seq == (last.seq + last.payload_len) & 0xFFFFFFFF
-    assert (seen.tsval, seen.tsecr) == _tsval_tsecr(last.options)
+    assert (seen.tsval, seen.tsecr) == tcpoptions.timestamps(last.options)
 
     peer_isn = next(s.seq for s in from_peer if s.flags & SYN)
     origin_isn = next(s.seq for s in from_service if s.flags & SYN)

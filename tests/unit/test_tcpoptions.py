@@ -1,5 +1,5 @@
-"""ops/gatelab's TCP option readers, on hand-built option bytes: SACK blocks and option kinds
-are found after NOPs and other options, and a truncated option ends the walk."""
+"""ops/tcpoptions on hand-built option bytes: SACK blocks, option kinds, the window scale and
+timestamps are found after NOPs and other options, and a truncated option ends the walk."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ops.gatelab import option_kinds, sack_blocks
+from ops.tcpoptions import kinds, sack_blocks, timestamps, wscale
 
 NOP, TS = b"\x01", b"\x08\x0a" + struct.pack("!II", 7, 9)
 
@@ -22,7 +22,9 @@ def _sack(blocks: list[tuple[int, int]]) -> bytes:
 def test_sack_blocks_are_read_after_nops_and_timestamps(blocks: list[tuple[int, int]]) -> None:
     options = NOP + NOP + TS + _sack(blocks)
     assert sack_blocks(options) == blocks
-    assert option_kinds(options) == [8, 5]
+    assert kinds(options) == [8, 5]
+    assert timestamps(options) == (7, 9) and wscale(options) is None
+    assert wscale(NOP + b"\x03\x03\x07" + options) == 7
 
 
 def test_no_sack_option_means_no_blocks_and_a_truncated_option_ends_the_walk() -> None:
