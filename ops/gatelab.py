@@ -168,15 +168,18 @@ def read_gated(conn: socket.socket, base: int, gate: Gate | None,
     return out
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    """Read until n bytes came or the peer closed; returns what came (shorter on close)."""
-    data = b""
+def recv_exactly(sock: socket.socket, n: int, timeout: float | None = None) -> bytes:
+    """Read exactly n bytes (timeout, when given, is set on sock first); EOFError naming how
+    many came when the stream ends before."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    data = bytearray()
     while len(data) < n:
         chunk = sock.recv(min(65536, n - len(data)))
         if not chunk:
-            break
+            raise EOFError(f"expected {n} bytes, the stream ended after {len(data)}")
         data += chunk
-    return data
+    return bytes(data)
 
 
 def uploader_argv(host: str, port: int, total: int, wait_for_go: bool = False) -> list[str]:

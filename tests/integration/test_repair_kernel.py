@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import os
@@ -23,6 +24,7 @@ from kernel import codec, repair
 from kernel.ici import Ici
 from kernel.passing import Isolation, flow_of
 from kernel.sanity import IciRejected, RestorePolicy
+from ops import gatelab
 from ops.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -36,14 +38,7 @@ def counting(offset: int, n: int) -> bytes:
     return (bytes(range(251)) * reps)[start : start + n]
 
 
-def recv_exactly(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, f"connection closed after {len(buf)} of {n} bytes"
-        buf += chunk
-    return bytes(buf)
+recv_exactly = functools.partial(gatelab.recv_exactly, timeout=10.0)
 
 
 @pytest.fixture()

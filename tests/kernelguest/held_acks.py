@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from kernel.gatebackend import Gate
 from kernel.seq import seq_add
+from ops.gatelab import recv_exactly
 
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (include/uapi/linux/tcp.h)
 SENT = 8000     # below the ~14 KB a fresh connection has in flight: held bytes never stall it
@@ -41,16 +42,6 @@ def _wait_acked(client: socket.socket, want: int, timeout: float = 5.0) -> int:
     while (got := peer_bytes_acked(client)) != want and time.monotonic() < deadline:
         time.sleep(0.01)
     return got
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    sock.settimeout(10)
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"expected {n} bytes, the stream ended after {len(out)}"
-        out += chunk
-    return bytes(out)
 
 
 def listen_and_connect(gate: Gate, guarding: Guarding,
@@ -87,7 +78,7 @@ def check_acks_held_until_committed(gate: Gate, server: socket.socket, client: s
     assert peer_bytes_acked(client) == 1, "the peer had bytes acknowledged before sending"
     data = os.urandom(SENT)
     client.sendall(data)
-    assert _recv_exactly(server, SENT) == data
+    assert recv_exactly(server, SENT, timeout=10) == data
     time.sleep(HOLD_S)
     assert peer_bytes_acked(client) == 1, "bytes were acknowledged before any commit"
 

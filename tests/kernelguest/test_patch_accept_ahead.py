@@ -17,6 +17,7 @@ from kernel import patch_gate, repair
 from kernel.patch_gate import PatchGate
 from kernel.sanity import RestorePolicy
 from kernel.seq import seq_add
+from ops.gatelab import recv_exactly
 from ops.kernel.guestnet import Capture, VethPair, run_in, wait_until
 
 SIOCOUTQ = 0x5411
@@ -34,24 +35,15 @@ def _outq(sock: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0])
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"expected {n} bytes, the stream ended after {len(out)}"
-        out += chunk
-    return bytes(out)
-
-
 def _checkpoint_then_send_more(pair: VethPair, family: int, more: int
                                ) -> tuple[repair.Ici, socket.socket, socket.socket]:
     server, client = pair.connect(family)
     server.sendall(b"f" * 1000)
-    assert _recv_exactly(client, 1000) == b"f" * 1000
+    assert recv_exactly(client, 1000) == b"f" * 1000
     wait_until(lambda: _outq(server) == 0, what="the first 1000 bytes acknowledged")
     ici = repair.dump(server)
     server.sendall(b"g" * more)
-    assert _recv_exactly(client, more) == b"g" * more
+    assert recv_exactly(client, more) == b"g" * more
     wait_until(lambda: _outq(server) == 0, what="the later bytes acknowledged")
     return ici, client, server  # the caller crashes server (closed in repair mode, silently)
 
@@ -85,10 +77,10 @@ def test_a_restored_socket_accepts_the_peers_ack_beyond_snd_nxt_and_reports_the_
             assert not patch_gate.accept_ahead(sock).armed
             client.sendall(b"hello")
             sock.settimeout(10)
-            assert _recv_exactly(sock, 5) == b"hello"
+            assert recv_exactly(sock, 5) == b"hello"
             sock.sendall(b"next")
             client.settimeout(10)
-            assert _recv_exactly(client, 4) == b"next"
+            assert recv_exactly(client, 4) == b"next"
 
 
 def test_without_any_probe_the_peers_next_data_segment_is_accepted_with_its_ack(
@@ -100,7 +92,7 @@ def test_without_any_probe_the_peers_next_data_segment_is_accepted_with_its_ack(
             assert patch_gate.accept_ahead(sock) == patch_gate.AheadInfo(0, True)
             client.sendall(b"hello")  # its ACK field is 3000 beyond the restored snd_nxt
             sock.settimeout(10)
-            assert _recv_exactly(sock, 5) == b"hello"
+            assert recv_exactly(sock, 5) == b"hello"
             assert patch_gate.accept_ahead(sock) == patch_gate.AheadInfo(3000, False)
 
 
@@ -125,7 +117,7 @@ def test_held_bytes_stay_with_the_peer_through_a_crash_and_arrive_once_after_res
     with client, Capture(pair.peer_ns) as cap:
         base = gate.config(server).commit_seq
         client.sendall(data)
-        got = _recv_exactly(server, len(data))
+        got = recv_exactly(server, len(data))
         assert got == data
         assert gate.commit(server, seq_add(base, 4000))  # the application checkpointed 4000
         wait_until(lambda: _outq(client) == len(data) - 4000,

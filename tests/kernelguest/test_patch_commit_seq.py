@@ -18,6 +18,7 @@ import pytest
 from kernel import patch_gate
 from kernel.patch_gate import CommitRefused, PatchGate
 from kernel.seq import after, seq_add, seq_diff
+from ops.gatelab import recv_exactly
 from ops.kernel.guestnet import (
     TCP_FIN,
     TCP_INFO_STATE_CLOSE,
@@ -39,15 +40,6 @@ from ops.kernel.guestnet import (
 def pair() -> Iterator[VethPair]:
     with VethPair() as p:
         yield p
-
-
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, f"expected {n} bytes, the stream ended after {len(out)}"
-        out += chunk
-    return bytes(out)
 
 
 def test_the_kernel_reports_the_commit_option_present() -> None:
@@ -104,7 +96,7 @@ def _sack_after_out_of_order_segment(pair: VethPair, gated: bool) -> tuple[int, 
         server, client = pair.connect(4, guard_listen=gated)
         with server, client:
             client.sendall(b"a" * 1000)
-            _recv_exactly(server, 1000)
+            recv_exactly(server, 1000)
             info = patch_gate.commit_info(server)
             origin, peer = pair.origin_addr(4), pair.peer_addr(4)
             syn_ack = cap.wait_for(lambda s: s.src == origin and bool(s.flags & TCP_SYN))
@@ -141,7 +133,7 @@ def test_a_commit_sends_its_ack_before_the_peer_sends_anything_else(
         with server, client:
             base = gate.config(server).commit_seq
             client.sendall(b"b" * 3000)
-            _recv_exactly(server, 3000)
+            recv_exactly(server, 3000)
             origin, peer = pair.origin_addr(family), pair.peer_addr(family)
             cap.wait_for(lambda s: s.src == peer and seq_add(s.seq, s.payload_len)
                          == seq_add(base, 3000))  # the capture has caught up
@@ -164,7 +156,7 @@ def test_a_fin_is_acknowledged_only_once_the_commit_passes_it(pair: VethPair) ->
             base = gate.config(server).commit_seq
             client.sendall(b"c" * 1000)
             client.shutdown(socket.SHUT_WR)
-            assert _recv_exactly(server, 1000) == b"c" * 1000
+            assert recv_exactly(server, 1000) == b"c" * 1000
             assert server.recv(10) == b""
             assert gate.config(server).rcv_nxt == seq_add(base, 1001)
             origin = pair.origin_addr(4)
@@ -185,7 +177,7 @@ def _active_close_holding_the_peers_fin(pair: VethPair, gate: PatchGate, cap: Ca
     retransmitted it at least once and every answer so far held it."""
     base = gate.config(server).commit_seq
     client.sendall(b"e" * 1000)
-    assert _recv_exactly(server, 1000) == b"e" * 1000
+    assert recv_exactly(server, 1000) == b"e" * 1000
     assert gate.commit(server, seq_add(base, 1000))
     server.shutdown(socket.SHUT_WR)
     assert client.recv(10) == b""
@@ -273,7 +265,7 @@ def test_a_gated_listener_takes_no_fast_open_data_in_the_syn(pair: VethPair, gat
         server, client, base = _fast_open_once(pair, gated, port, data)
         with server, client:
             server.settimeout(10)
-            assert _recv_exactly(server, len(data)) == data
+            assert recv_exactly(server, len(data)) == data
             syn = cap.wait_for(lambda s: s.dport == port and s.flags & TCP_SYN == TCP_SYN
                                and not s.is_ack)
             syn_ack = cap.wait_for(lambda s: s.sport == port and s.flags & TCP_SYN == TCP_SYN)
@@ -296,7 +288,7 @@ def test_the_commit_reads_back_and_is_refused_backwards_or_beyond_what_arrived(
     with server, client:
         base = gate.config(server).commit_seq
         client.sendall(b"d" * 1000)
-        _recv_exactly(server, 1000)
+        recv_exactly(server, 1000)
         assert gate.commit(server, seq_add(base, 500))
         assert gate.config(server).commit_seq == seq_add(base, 500)
         assert not gate.commit(server, seq_add(base, 500))
@@ -317,7 +309,7 @@ def test_guarding_an_established_socket_refuses_a_sequence_already_acknowledged(
         base = patch_gate.commit_info(server).rcv_nxt
         assert not patch_gate.commit_info(server).gated
         client.sendall(b"e" * 100)
-        _recv_exactly(server, 100)
+        recv_exactly(server, 100)
         wait_until(lambda: client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0)
         with pytest.raises(CommitRefused):
             patch_gate.set_commit(server, base)  # the 100 bytes were acknowledged already
