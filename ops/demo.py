@@ -93,22 +93,29 @@ class Steps:
 
 # ----------------------------------------------------------------------------- planned passing
 @contextlib.contextmanager
-def demo_servers(the_lab: Lab, tmp: str) -> Iterator[dict[str, str]]:
-    """kernel.demo_server on origin and standby (gate isolation); yields control sockets."""
+def demo_servers(the_lab: Lab, tmp: str | os.PathLike[str], *, port: int = SERVICE_PORT,
+                 receive_port: int = RECEIVE_PORT, isolation: str = "gate",
+                 own_address: bool = False, log_level: str = "warning"
+                 ) -> Iterator[dict[str, str]]:
+    """kernel.demo_server on origin and standby, serving the service address on port and
+    receiving passed connections on receive_port, isolating them by `isolation` (gate or nft);
+    yields their control sockets. Each logs JSON lines to TMP/HOST.log; with own_address each
+    also listens on its own lab address, one the other host does not serve."""
     from kernel.demo_server import raise_fd_limit
 
     raise_fd_limit()
     controls: dict[str, str] = {}
     procs = []
-    env = {**os.environ, "TCPCP_LOG_FORMAT": "json", "TCPCP_LOG_LEVEL": "warning"}
+    env = {**os.environ, "TCPCP_LOG_FORMAT": "json", "TCPCP_LOG_LEVEL": log_level}
     for host in ("origin", "standby"):
         controls[host] = os.path.join(tmp, f"{host}.sock")
+        own = ["--listen", the_lab.addr(host, 4)] if own_address else []
         log = open(os.path.join(tmp, f"{host}.log"), "wb")  # noqa: SIM115
         procs.append(the_lab.popen(host, [
-            sys.executable, "-m", "kernel.demo_server",
+            sys.executable, "-m", "kernel.demo_server", *own,
             "--listen", the_lab.service(4), "--listen", the_lab.service(6),
-            "--port", str(SERVICE_PORT), "--receive-port", str(RECEIVE_PORT),
-            "--isolation", "gate", "--control", controls[host],
+            "--port", str(port), "--receive-port", str(receive_port),
+            "--isolation", isolation, "--control", controls[host],
             "--serve", the_lab.service(4), "--serve", the_lab.service(6),
         ], stdout=log, stderr=log, env=env))
         log.close()

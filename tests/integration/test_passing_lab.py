@@ -8,14 +8,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import os
 import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from kernel import codec
-from kernel.demo_server import EchoPeers, counting, raise_fd_limit
+from kernel.demo_server import EchoPeers, counting
 from kernel.ici import Family, Ici, Identity, Params, TcpOption, TcpState, Timestamp, Window
 from kernel.passcli import pass_connections
 from kernel.passing import (
@@ -34,48 +33,18 @@ from kernel.passing import (
     decode_batch,
     encode_batch,
 )
+from ops.demo import RECEIVE_PORT, SERVICE_PORT, demo_servers
 from ops.lab import Lab
 
 pytestmark = pytest.mark.lab
-SERVICE_PORT, RECEIVE_PORT = 8080, 7070
-
-
-def start_servers(lab: Lab, tmp: Path, port: int, receive_port: int,
-                  isolation: str) -> Generator[dict[str, str], None, None]:
-    """A demo server on origin and on standby; yields their control socket paths."""
-    raise_fd_limit()
-    controls, procs, logs = {}, [], []
-    for host in ("origin", "standby"):
-        controls[host] = str(tmp / f"{host}.sock")
-        log = open(tmp / f"{host}.log", "wb")  # noqa: SIM115
-        logs.append(log)
-        own = ["--listen", lab.addr(host, 4)]  # a local address the other host does not serve
-        procs.append(lab.popen(host, [
-            sys.executable, "-m", "kernel.demo_server", *own,
-            "--listen", lab.service(4), "--listen", lab.service(6),
-            "--port", str(port), "--receive-port", str(receive_port), "--isolation", isolation,
-            "--control", controls[host], "--serve", lab.service(4), "--serve", lab.service(6),
-        ], stdout=log, stderr=log, env={**os.environ, "TCPCP_LOG_FORMAT": "json"}))
-    deadline = time.monotonic() + 10
-    while not all(os.path.exists(c) for c in controls.values()):
-        assert time.monotonic() < deadline, "demo servers did not come up"
-        assert all(p.poll() is None for p in procs), "a demo server exited at start"
-        time.sleep(0.05)
-    try:
-        yield controls
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=10)
-        for f in logs:
-            f.close()
 
 
 @pytest.fixture(scope="module")
 def servers(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Demo servers isolating passed flows with the ACK gate's freeze (the default)."""
-    yield from start_servers(lab, tmp_path_factory.mktemp("demo"), SERVICE_PORT, RECEIVE_PORT,
-                             "gate")
+    with demo_servers(lab, tmp_path_factory.mktemp("demo"), own_address=True,
+                      log_level="info") as controls:
+        yield controls
 
 
 def status(control: str) -> dict[str, Any]:
@@ -540,26 +509,25 @@ def test_passing_isolated_by_nftables_instead_of_the_gate_keeps_every_byte(
 ) -> None:
     """The fallback isolation (no BPF): nftables drops; the module's gate servers still run."""
     port, receive_port = SERVICE_PORT + 1, RECEIVE_PORT + 1
-    gen = start_servers(lab, tmp_path, port, receive_port, "nft")
-    controls = next(gen)
-    cap = Capture(lab, tmp_path / "peer.pcap", port)
-    try:
-        socks = open_echo(lab, 4, 3, port)
-        with EchoPeers(socks) as peers:
-            for src, dst in (("origin", "standby"), ("standby", "origin")):
+    with demo_servers(lab, tmp_path, port=port, receive_port=receive_port, isolation="nft",
+                      own_address=True, log_level="info") as controls:
+        cap = Capture(lab, tmp_path / "peer.pcap", port)
+        try:
+            socks = open_echo(lab, 4, 3, port)
+            with EchoPeers(socks) as peers:
+                for src, dst in (("origin", "standby"), ("standby", "origin")):
+                    time.sleep(0.4)
+                    assert tcpcp_pass(lab, controls[src], dst, 4, receive_port)["passed"] == 3
+                mid = list(peers.sent)
                 time.sleep(0.4)
-                assert tcpcp_pass(lab, controls[src], dst, 4, receive_port)["passed"] == 3
-            mid = list(peers.sent)
-            time.sleep(0.4)
-            assert peers.finish()
-        assert peers.errors == {}
-        assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
-        assert status(controls["origin"])["errors"] == 0
-        for s in socks:
-            s.close()
-    finally:
-        _, resets = cap.stop()
-        gen.close()
+                assert peers.finish()
+            assert peers.errors == {}
+            assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+            assert status(controls["origin"])["errors"] == 0
+            for s in socks:
+                s.close()
+        finally:
+            _, resets = cap.stop()
     assert resets == 0
     for host in ("origin", "standby"):  # nftables, not the gate, held these flows
         events = [json.loads(line)["event"] for line in
