@@ -144,13 +144,17 @@ def select_backend(requested: Backend | str | None = None) -> Backend:
     return chosen
 
 
-def commit_info(sock: socket.socket) -> CommitInfo:
+def _get(sock: socket.socket, option: int, size: int, what: str) -> bytes:
+    """getsockopt(IPPROTO_TCP, option) of one of the series' options (OptionAbsent without)."""
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_COMMIT_SEQ, _COMMIT_INFO.size)
+        return sock.getsockopt(socket.IPPROTO_TCP, option, size)
     except OSError as exc:
-        _absent_or_raise(exc, "getsockopt TCP_COMMIT_SEQ")
+        _absent_or_raise(exc, f"getsockopt {what}")
         raise
-    return CommitInfo.unpack(raw)
+
+
+def commit_info(sock: socket.socket) -> CommitInfo:
+    return CommitInfo.unpack(_get(sock, TCP_COMMIT_SEQ, _COMMIT_INFO.size, "TCP_COMMIT_SEQ"))
 
 
 def set_commit(sock: socket.socket, seq: int) -> None:
@@ -178,12 +182,8 @@ def arm_accept_ahead(sock: socket.socket, armed: bool = True) -> None:
 
 def accept_ahead(sock: socket.socket) -> AheadInfo:
     """Whether the socket still waits for an ACK beyond snd_nxt, and how far the last was."""
-    try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_ACCEPT_AHEAD, _ACCEPT_AHEAD.size)
-    except OSError as exc:
-        _absent_or_raise(exc, "getsockopt TCP_ACCEPT_AHEAD")
-        raise
-    return AheadInfo.unpack(raw)
+    return AheadInfo.unpack(_get(sock, TCP_ACCEPT_AHEAD, _ACCEPT_AHEAD.size,
+                                 "TCP_ACCEPT_AHEAD"))
 
 
 class PatchGate:
