@@ -18,6 +18,7 @@ from collections.abc import Callable
 from kernel.gatebackend import Gate
 from kernel.seq import seq_add
 from ops.gatelab import recv_exactly
+from ops.kernel.guestnet import VethPair, run_in
 
 TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (include/uapi/linux/tcp.h)
 SENT = 8000     # below the ~14 KB a fresh connection has in flight: held bytes never stall it
@@ -69,6 +70,23 @@ def listen_and_connect(gate: Gate, guarding: Guarding,
         assert got is not None, "guard_listen did not gate the accepted connection"
         base = got
     return server, client, base
+
+
+def on_veth_pair(gate: Gate, guarding: Guarding, pair: VethPair, port: int
+                 ) -> tuple[socket.socket, socket.socket, int]:
+    """listen_and_connect over a guest veth pair: origin listens on its IPv4 address."""
+
+    def listen() -> socket.socket:
+        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind((pair.origin_addr(4), port))
+        lst.listen(4)
+        return lst
+
+    return listen_and_connect(
+        gate, guarding, lambda: run_in(pair.origin_ns, listen),
+        lambda: run_in(pair.peer_ns, lambda: socket.create_connection(
+            (pair.origin_addr(4), port), 10)))
 
 
 def check_acks_held_until_committed(gate: Gate, server: socket.socket, client: socket.socket,

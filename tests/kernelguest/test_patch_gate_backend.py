@@ -4,7 +4,6 @@ here with either backend, over a veth pair at MTU 1500."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from itertools import count
 
@@ -12,11 +11,11 @@ import pytest
 
 from kernel.gatebackend import GateUnavailable, open_gate
 from kernel.patch_gate import Backend
-from ops.kernel.guestnet import VethPair, run_in
+from ops.kernel.guestnet import VethPair
 from tests.kernelguest.held_acks import (
     Guarding,
     check_acks_held_until_committed,
-    listen_and_connect,
+    on_veth_pair,
 )
 
 _ports = count(5910)
@@ -44,19 +43,8 @@ def test_open_gate_picks_the_patch_backend_on_the_patched_kernel(pair: VethPair)
 def test_a_gated_connection_is_acknowledged_to_the_peer_only_as_far_as_committed(
         pair: VethPair, backend: str | None, guarding: Guarding) -> None:
     port = next(_ports)
-
-    def listen() -> socket.socket:
-        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lst.bind((pair.origin_addr(4), port))
-        lst.listen(4)
-        return lst
-
     with open_gate("eth0", backend=backend, netns=pair.origin_ns) as gate:
         assert gate.backend is (Backend.PATCH if backend is None else Backend.BPF)
-        server, client, base = listen_and_connect(
-            gate, guarding, lambda: run_in(pair.origin_ns, listen),
-            lambda: run_in(pair.peer_ns, lambda: socket.create_connection(
-                (pair.origin_addr(4), port), 10)))
+        server, client, base = on_veth_pair(gate, guarding, pair, port)
         with server, client:
             check_acks_held_until_committed(gate, server, client, base)

@@ -13,11 +13,11 @@ import pytest
 from kernel import patch_gate
 from kernel.gatebackend import open_gate
 from kernel.patch_gate import Backend, OptionAbsent, PatchGate
-from ops.kernel.guestnet import VethPair, run_in
+from ops.kernel.guestnet import VethPair
 from tests.kernelguest.held_acks import (
     Guarding,
     check_acks_held_until_committed,
-    listen_and_connect,
+    on_veth_pair,
 )
 
 PORT = 5930
@@ -51,18 +51,8 @@ def test_asking_for_the_patch_backend_on_a_stock_kernel_is_refused() -> None:
 @pytest.mark.parametrize("guarding", list(Guarding), ids=lambda g: g.value)
 def test_the_default_gate_on_the_stock_kernel_holds_acks_with_bpf(pair: VethPair,
                                                                    guarding: Guarding) -> None:
-    def listen() -> socket.socket:
-        lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lst.bind((pair.origin_addr(4), PORT))
-        lst.listen(4)
-        return lst
-
     with open_gate("eth0", netns=pair.origin_ns) as gate:
         assert gate.backend is Backend.BPF
-        server, client, base = listen_and_connect(
-            gate, guarding, lambda: run_in(pair.origin_ns, listen),
-            lambda: run_in(pair.peer_ns, lambda: socket.create_connection(
-                (pair.origin_addr(4), PORT), 10)))
+        server, client, base = on_veth_pair(gate, guarding, pair, PORT)
         with server, client:
             check_acks_held_until_committed(gate, server, client, base)
