@@ -16,12 +16,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
 
+from store.client import CheckpointStore
+from store.errors import DurabilityError, StoreUnavailable
+from store.record import Checkpoint
 from store.signing import KeyRing
 
 
@@ -215,3 +219,45 @@ def redis_server() -> Iterator[LocalRedis]:
     server = LocalRedis()
     with running(server):
         yield server
+
+
+@dataclass
+class FailoverRun:
+    """What put_through_failover saw: the puts acknowledged, those refused (with the error),
+    the put at which the failover was first seen and how many puts were attempted."""
+
+    acknowledged: list[Checkpoint] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    failed_over_at: int | None = None
+    attempts: int = 0
+
+
+def put_through_failover(store: CheckpointStore, make: Callable[[int], Checkpoint], *,
+                         crash: Callable[[], None], failed_over: Callable[[], bool],
+                         after_failover: Callable[[], None], deadline_s: float,
+                         crash_at: int = 300, at_least: int = 1000) -> FailoverRun:
+    """Put make(i) for i = 1, 2, ...; crash() the primary before put crash_at; go on for at
+    least at_least puts and, once failed_over() says so (checked after each put past the crash;
+    after_failover() then runs once), until a put after the failover is acknowledged."""
+    run = FailoverRun()
+    deadline = time.monotonic() + deadline_s
+    while run.attempts < at_least or (
+            run.failed_over_at is not None
+            and not any(c.version > run.failed_over_at for c in run.acknowledged)):
+        assert time.monotonic() < deadline, \
+            f"no put succeeded after failover; last refusals {run.refused[-3:]}"
+        run.attempts += 1
+        i = run.attempts
+        if i == crash_at:
+            crash()
+        record = make(i)
+        try:
+            store.put(record)
+            run.acknowledged.append(record)
+        except (StoreUnavailable, DurabilityError) as exc:
+            run.refused.append(f"put {i}: {exc}")
+            time.sleep(0.02)
+        if i > crash_at and run.failed_over_at is None and failed_over():
+            run.failed_over_at = i
+            after_failover()
+    return run

@@ -31,8 +31,10 @@ from store.keys import OriginKeys
 from store.record import Checkpoint, encode
 from store.signing import KeyRing
 from tests.integration.store_support import (  # noqa: F401  (fixture)
+    FailoverRun,
     keyring,
     new_keyring,
+    put_through_failover,
     wait_for,
 )
 
@@ -123,38 +125,24 @@ def test_every_acknowledged_put_survives_a_primary_crash_and_failover_in_the_lab
         old = (primary.addr, primary.port)
         new = (replica.addr, replica.port)
 
-        def scenario() -> tuple[list[Checkpoint], list[str], int]:
-            acknowledged: list[Checkpoint] = []
-            refused: list[str] = []
-            failed_over_at = 0
+        def scenario() -> FailoverRun:
             with CheckpointStore.connect(config, keyring) as store:
                 epoch = store.lease_acquire(ORIGIN, ORIGIN, ttl_ms=600_000)
-                deadline = time.monotonic() + 90
-                i = 0
-                while i < 1000 or not any(c.version > failed_over_at > 0 for c in acknowledged):
-                    assert time.monotonic() < deadline, f"stuck; last refusals {refused[-3:]}"
-                    i += 1
-                    if i == 300:
-                        primary.kill()
-                    record = cp(i, epoch)
-                    try:
-                        store.put(record)
-                        acknowledged.append(record)
-                    except (StoreUnavailable, DurabilityError) as exc:
-                        refused.append(f"put {i}: {exc}")
-                        time.sleep(0.02)
-                    if i > 300 and not failed_over_at and _sentinel_master(sentinels) == {new}:
-                        failed_over_at = i
-                        # The crashed primary stays down; a fresh, empty replica joins (for
-                        # WAIT 1) that is never elected (replica-priority 0): a failover to an
-                        # empty server wipes every replica. Restarting the old primary empty
-                        # did that when the loaded machine made Sentinels think `new` down.
-                        redis_factory("store3", replicaof=replica, replica_priority="0")
-            return acknowledged, refused, failed_over_at
+                # The crashed primary stays down; a fresh, empty replica joins (for WAIT 1)
+                # that is never elected (replica-priority 0): a failover to an empty server
+                # wipes every replica. Restarting the old primary empty did that when the
+                # loaded machine made Sentinels think `new` down.
+                return put_through_failover(
+                    store, lambda i: cp(i, epoch), crash=primary.kill,
+                    failed_over=lambda: _sentinel_master(sentinels) == {new},
+                    after_failover=lambda: redis_factory("store3", replicaof=replica,
+                                                         replica_priority="0"),
+                    deadline_s=90)
 
-        acknowledged, refused, failed_over_at = lab.call("origin", scenario)
+        run = lab.call("origin", scenario)
+        acknowledged = run.acknowledged
         assert _sentinel_master(sentinels) == {new} and new != old
-        assert failed_over_at > 300 and refused
+        assert run.failed_over_at is not None and run.failed_over_at > 300 and run.refused
         assert len([c for c in acknowledged if c.version < 300]) == 299
 
         def read_all() -> dict[str, object]:
