@@ -65,6 +65,18 @@ def tcpcp_pass(lab: Lab, control: str, to_host: str, family: int,
     return report
 
 
+def pass_cli(*args: str, json_logs: bool = True) -> subprocess.CompletedProcess[str]:
+    """`tcpcp [--log-format json] pass ARGS` in a child process (its report: last_report)."""
+    logs = ["--log-format", "json"] if json_logs else []
+    return subprocess.run([sys.executable, "-m", "ops.cli", *logs, "pass", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def last_report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
 def paws_counters(lab: Lab) -> dict[str, int]:
     out = lab.run("peer", ["nstat", "-azs", "--json"], capture_output=True, text=True,
                   check=True).stdout
@@ -300,24 +312,18 @@ def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
     switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
     with EchoPeers(socks) as peers:
         time.sleep(0.3)
-        done = subprocess.run(
-            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
-             "--control", servers["origin"], "--to", f"{standby}:{RECEIVE_PORT}",
-             "--switch-cmd", switch],
-            capture_output=True, text=True, timeout=120, check=False)
+        done = pass_cli("--control", servers["origin"], "--to", f"{standby}:{RECEIVE_PORT}",
+                        "--switch-cmd", switch)
         time.sleep(0.3)
         assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        assert report["passed"] == 5
+        assert last_report(done)["passed"] == 5
         assert status(servers["standby"])["conns"] == 5
         mid = list(peers.sent)
-        back = subprocess.run(  # and back, with the lab switch done by tcpcp pass itself
-            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
-             "--control", servers["standby"], "--to", f"{lab.addr('origin', 4)}:{RECEIVE_PORT}",
-             "--lab", lab.prefix, "--switch-to", "origin"],
-            capture_output=True, text=True, timeout=120, check=False)
+        back = pass_cli(  # and back, with the lab switch done by tcpcp pass itself
+            "--control", servers["standby"], "--to", f"{lab.addr('origin', 4)}:{RECEIVE_PORT}",
+            "--lab", lab.prefix, "--switch-to", "origin")
         assert back.returncode == 0, back.stdout + back.stderr[-2000:]
-        assert json.loads(back.stdout.strip().splitlines()[-1])["passed"] == 5
+        assert last_report(back)["passed"] == 5
         assert status(servers["origin"])["conns"] >= 5
         time.sleep(0.3)
         assert peers.finish()
@@ -333,11 +339,9 @@ def test_tcpcp_pass_refuses_to_pass_some_connections_with_a_whole_route_switch(
     """Moving the service route moves every connection: passing only some of them that way
     would leave the others to be reset by the destination (seen: 2 of 3 reset)."""
     before = status(servers["origin"])
-    done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "pass", "--control", servers["origin"],
-         "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}", "--count", "1",
-         "--lab", lab.prefix, "--switch-to", "standby"],
-        capture_output=True, text=True, timeout=60, check=False)
+    done = pass_cli("--control", servers["origin"],
+                    "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}", "--count", "1",
+                    "--lab", lab.prefix, "--switch-to", "standby", json_logs=False)
     assert done.returncode == 2
     assert "--count with --switch-to: expected all connections to move" in done.stderr
     assert status(servers["origin"])["conns"] == before["conns"]
@@ -349,14 +353,12 @@ def test_tcpcp_pass_resumes_connections_on_origin_when_the_switch_fails(
     socks = open_echo(lab, 4, 3)
     with EchoPeers(socks) as peers:
         time.sleep(0.2)
-        done = subprocess.run(
-            [sys.executable, "-m", "ops.cli", "--log-format", "json", "pass",
-             "--control", servers["origin"], "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}",
-             "--switch-cmd", "exit 3"],
-            capture_output=True, text=True, timeout=120, check=False)
+        done = pass_cli("--control", servers["origin"],
+                        "--to", f"{lab.addr('standby', 4)}:{RECEIVE_PORT}",
+                        "--switch-cmd", "exit 3")
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        report = last_report(done)
         assert report["event"] == "failed"
         assert "--switch-cmd: expected exit status 0, got 3" in report["error"]
         assert "resumed here" in report["origin"]["error"]
