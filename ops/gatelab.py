@@ -85,6 +85,30 @@ def listener(family: int, port: int) -> socket.socket:
     return srv
 
 
+@contextlib.contextmanager
+def guarded_connection(lab: Lab, gate: Gate | None, port: int, family: int = 4
+                       ) -> Iterator[tuple[socket.socket, socket.socket, int | None]]:
+    """A connection from the peer to the service address on port, accepted by the origin from a
+    listener the gate guards (gate None: not guarded). Yields (origin socket, peer socket, the
+    committed sequence at the start or None), both sockets with 10 s timeouts; the listener is
+    closed when the block ends."""
+    srv = lab.call("origin", listener, family, port)
+    try:
+        if gate is not None:
+            gate.guard_listen(srv)
+        accept = lab.submit("origin", srv.accept)
+        peer = lab.call("peer", socket.create_connection, (lab.service(family), port), 10)
+        conn, _ = accept.result(timeout=10)
+        conn.settimeout(10)
+        base = None if gate is None else gate.committed_seq(conn)
+        if gate is not None and base is None:
+            raise RuntimeError(f"expected the guarded listener to gate {socket_flow(conn)}, "
+                               f"got an ungated connection")
+        yield conn, peer, base
+    finally:
+        srv.close()
+
+
 def receive_gated(srv: socket.socket, gate: Gate | None, policy: CommitPolicy,
                   out: Received, timeout: float = 120.0, reader: Reader | None = None,
                   digest: bool = True) -> Received:

@@ -21,13 +21,6 @@ SENT = 12_000  # under the initial congestion window: all sent while nothing is 
 STEPS = 3000
 
 
-def _connect(service: str) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect((service, PORT))
-    return s
-
-
 def _commit_every_other(gate: Gate, conn: socket.socket, base: int, first: int,
                         start: threading.Barrier) -> None:
     # both threads on one CPU: their ACKs leave tc egress in the order they were sent, so what
@@ -41,39 +34,30 @@ def _commit_every_other(gate: Gate, conn: socket.socket, base: int, first: int,
 def test_acks_of_concurrent_commits_never_go_back(lab: Lab, tmp_path: Path,
                                                  gate_backend: str) -> None:
     pcap = tmp_path / "race.pcap"
-    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
-        srv = lab.call("origin", G.listener, 4, PORT)
+    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate, \
+            G.guarded_connection(lab, gate, PORT) as (conn, peer, base):
+        assert base is not None
+        peer.sendall(b"r" * SENT)
+        got = 0
+        while got < SENT:
+            chunk = conn.recv(SENT - got)
+            assert chunk
+            got += len(chunk)
+        cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
+                              f"tcp src port {PORT}")
         try:
-            gate.guard_listen(srv)
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _connect, lab.service(4))
-            conn, _ = accept.result(timeout=10)
-            conn.settimeout(10)
-            base = gate.committed_seq(conn)
-            assert base is not None
-            peer.sendall(b"r" * SENT)
-            got = 0
-            while got < SENT:
-                chunk = conn.recv(SENT - got)
-                assert chunk
-                got += len(chunk)
-            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
-                                  f"tcp src port {PORT}")
-            try:
-                start = threading.Barrier(2)
-                threads = [threading.Thread(target=_commit_every_other,
-                                            args=(gate, conn, base, first, start))
-                           for first in (0, 1)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(timeout=60)
-            finally:
-                G.stop_capture(cap)
-            conn.close()
-            peer.close()
+            start = threading.Barrier(2)
+            threads = [threading.Thread(target=_commit_every_other,
+                                        args=(gate, conn, base, first, start))
+                       for first in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
         finally:
-            srv.close()
+            G.stop_capture(cap)
+        conn.close()
+        peer.close()
     acks = [s.ack for s in G.read_pcap(pcap) if s.flags == 0x10 and s.payload_len == 0]
     assert len(acks) >= STEPS // 2
     assert acks[-1] == (base + SENT) & 0xFFFFFFFF

@@ -21,14 +21,6 @@ PORT = 5500
 SENT, COMMITTED, READ = 100_000, 40_000, 50_000  # held bytes stay under a cwnd
 
 
-def _connect(service: str) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect((service, PORT))
-    return s
-
-
-
 def _peer_ss(lab: Lab) -> tuple[int, int]:
     """(bytes_acked, Send-Q) of the peer's connection to the service."""
     out = lab.run("peer", ["ss", "-tin", "dst", f"{lab.service(4)}:{PORT}"], capture_output=True,
@@ -41,16 +33,8 @@ def _peer_ss(lab: Lab) -> tuple[int, int]:
 def _crash_with_held_bytes(lab: Lab, gate: Gate | None) -> tuple[int, int]:
     """Peer sends SENT bytes; origin reads READ, committing COMMITTED as it reads (gate None:
     ungated); crash the origin; returns the peer's (bytes_acked, Send-Q)."""
-    srv = lab.call("origin", G.listener, 4, PORT)
-    try:
-        if gate is not None:
-            gate.guard_listen(srv)
-        accept = lab.submit("origin", srv.accept)
-        peer = lab.call("peer", _connect, lab.service(4))
-        conn, _ = accept.result(timeout=10)
-        conn.settimeout(10)
+    with G.guarded_connection(lab, gate, PORT) as (conn, peer, base):
         sender = lab.submit("peer", peer.sendall, b"p" * SENT)
-        base = gate.committed_seq(conn) if gate is not None else None
         assert (base is not None) == (gate is not None)
         got = 0
         while got < COMMITTED:  # commits keep pace with the data (DESIGN.md section 4)
@@ -66,8 +50,6 @@ def _crash_with_held_bytes(lab: Lab, gate: Gate | None) -> tuple[int, int]:
         sender.result(timeout=10)
         time.sleep(0.5)
         return _peer_ss(lab)
-    finally:
-        srv.close()
 
 
 def test_after_origin_crash_the_peer_holds_every_byte_from_the_committed_sequence_on(
@@ -91,35 +73,26 @@ def test_connection_restored_from_the_committed_state_receives_the_held_bytes_ex
         fresh_lab: Lab, gate_backend: str) -> None:
     lab = fresh_lab
     stream = _pattern(SENT)
-    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
-        srv = lab.call("origin", G.listener, 4, PORT)
-        try:
-            gate.guard_listen(srv)
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _connect, lab.service(4))
-            conn, _ = accept.result(timeout=10)
-            conn.settimeout(10)
-            flow = socket_flow(conn)
-            base = gate.committed_seq(conn)
-            assert base is not None
-            sender = lab.submit("peer", peer.sendall, stream)
-            origin_data = b""
-            while len(origin_data) < COMMITTED:
-                chunk = conn.recv(min(4096, COMMITTED - len(origin_data)))
-                assert chunk, "peer closed early"
-                origin_data += chunk
-                gate.commit(conn, base + len(origin_data))
-            # the checkpoint: the endpoint as of the commit, nothing received after it
-            ici = repair.dump(conn)
-            committed = (base + COMMITTED) & 0xFFFFFFFF
-            checkpoint = dataclasses.replace(
-                ici, rcv_nxt=committed, received=b"",
-                window=dataclasses.replace(ici.window, rcv_wup=committed))
-            origin_data += G.recv_exactly(conn, READ - COMMITTED)  # read, never committed
-            time.sleep(0.3)
-            lab.crash("origin")
-        finally:
-            srv.close()
+    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate, \
+            G.guarded_connection(lab, gate, PORT) as (conn, peer, base):
+        assert base is not None
+        flow = socket_flow(conn)
+        sender = lab.submit("peer", peer.sendall, stream)
+        origin_data = b""
+        while len(origin_data) < COMMITTED:
+            chunk = conn.recv(min(4096, COMMITTED - len(origin_data)))
+            assert chunk, "peer closed early"
+            origin_data += chunk
+            gate.commit(conn, base + len(origin_data))
+        # the checkpoint: the endpoint as of the commit, nothing received after it
+        ici = repair.dump(conn)
+        committed = (base + COMMITTED) & 0xFFFFFFFF
+        checkpoint = dataclasses.replace(
+            ici, rcv_nxt=committed, received=b"",
+            window=dataclasses.replace(ici.window, rcv_wup=committed))
+        origin_data += G.recv_exactly(conn, READ - COMMITTED)  # read, never committed
+        time.sleep(0.3)
+        lab.crash("origin")
     assert origin_data == stream[:READ]
 
     with Quarantine("eth0", netns=lab.netns("standby")) as q:

@@ -21,7 +21,6 @@ import pytest
 
 from checkpointer.commit_policy import CommitPolicy
 from kernel import repair
-from kernel.bpf.layout import Flow
 from kernel.gate import AckGate
 from kernel.gatebackend import open_gate, socket_flow
 from kernel.ici import TcpOption
@@ -210,27 +209,15 @@ def test_gated_50mb_upload_completes_without_deadlock_under_other_policies(
     assert got.commit_reasons.get(reason, 0) > 10, got.commit_reasons
 
 
-def _peer_connect(family: int, port: int, service: str) -> socket.socket:
-    fam = socket.AF_INET6 if family == 6 else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(20)
-    s.connect((service, port))
-    return s
-
-
-
 def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
         lab: Lab, capture_path: Path) -> None:
     port = next(_ports)
     with AckGate("eth0", netns=lab.netns("origin")) as gate:
         gate.guard_listen(port)
-        srv = lab.call("origin", G.listener, 4, port)
-        try:
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _peer_connect, 4, port, lab.service(4))
-            conn, addr = accept.result(timeout=10)
+        with G.guarded_connection(lab, None, port) as (conn, peer, _):
             conn.settimeout(20)
-            flow = Flow.of(conn.getsockname()[:2], addr[:2])
+            peer.settimeout(20)
+            flow = socket_flow(conn)
             cfg = gate.config(flow)
             assert cfg is not None
             base = cfg.committed_seq
@@ -263,8 +250,6 @@ def test_frozen_flow_puts_no_packet_on_the_wire_and_resumes_after_thaw(
             assert G.recv_exactly(peer, 5_000) == b"c" * 5_000
             peer.sendall(b"d" * 1000)
             assert G.recv_exactly(conn, 1000) == b"d" * 1000
-        finally:
-            srv.close()
 
 
 def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
@@ -273,27 +258,19 @@ def test_commit_is_followed_by_an_ack_carrying_it_without_waiting_for_the_peer(
     cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
                           f"tcp port {port}")
     try:
-        with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
-            srv = lab.call("origin", G.listener, 6, port)
-            try:
-                gate.guard_listen(srv)
-                accept = lab.submit("origin", srv.accept)
-                peer = lab.call("peer", _peer_connect, 6, port, lab.service(6))
-                conn, _ = accept.result(timeout=10)
-                base = gate.committed_seq(conn)
-                assert base is not None
-                peer.sendall(b"x" * 3000)
-                assert len(G.recv_exactly(conn, 3000)) == 3000
-                time.sleep(0.1)  # the kernel's own ACKs have left, held at the handshake
-                t_commit = time.time()
-                assert gate.commit(conn, base + 3000)
-                time.sleep(0.3)
-                assert not gate.commit(conn, base + 2000)  # commits never go back
-                assert gate.committed_seq(conn) == (base + 3000) & 0xFFFFFFFF
-                peer.close()
-                conn.close()
-            finally:
-                srv.close()
+        with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate, \
+                G.guarded_connection(lab, gate, port, family=6) as (conn, peer, base):
+            assert base is not None
+            peer.sendall(b"x" * 3000)
+            assert len(G.recv_exactly(conn, 3000)) == 3000
+            time.sleep(0.1)  # the kernel's own ACKs have left, held at the handshake
+            t_commit = time.time()
+            assert gate.commit(conn, base + 3000)
+            time.sleep(0.3)
+            assert not gate.commit(conn, base + 2000)  # commits never go back
+            assert gate.committed_seq(conn) == (base + 3000) & 0xFFFFFFFF
+            peer.close()
+            conn.close()
     finally:
         G.stop_capture(cap)
     segs = list(G.read_pcap(capture_path))
@@ -386,38 +363,29 @@ def test_peer_fin_is_acknowledged_only_once_committed_as_end_plus_one_even_from_
     kernel keeps the socket out of TIME_WAIT until then."""
     port = next(_ports)
     csum_before = G.nstat(lab.run, "peer", "TcpInCsumErrors")
-    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
-        srv = lab.call("origin", G.listener, 4, port)
+    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate, \
+            G.guarded_connection(lab, gate, port) as (conn, peer, base):
+        assert base is not None
+        flow = socket_flow(conn)
+        peer.sendall(b"a" * 1000)
+        assert len(G.recv_exactly(conn, 1000)) == 1000
+        gate.commit(conn, base + 1000)
+        cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                              f"tcp port {port}")
         try:
-            gate.guard_listen(srv)
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _peer_connect, 4, port, lab.service(4))
-            conn, _ = accept.result(timeout=10)
-            conn.settimeout(10)
-            base = gate.committed_seq(conn)
-            assert base is not None
-            flow = socket_flow(conn)
-            peer.sendall(b"a" * 1000)
-            assert len(G.recv_exactly(conn, 1000)) == 1000
-            gate.commit(conn, base + 1000)
-            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
-                                  f"tcp port {port}")
-            try:
-                conn.shutdown(socket.SHUT_WR)  # origin's FIN; the peer answers with its own
-                assert peer.recv(10) == b""
-                peer.close()
-                assert conn.recv(10) == b""  # the application has read the end of stream
-                time.sleep(1.0)  # the peer retransmits its FIN; origin answers, held
-                states_before = _peer_states(lab, port)
-                assert gate.commit(conn, base + 1000 + 1)  # end + 1
-                time.sleep(0.3)
-            finally:
-                G.stop_capture(cap)
-            states_after = _peer_states(lab, port)
-            st = gate.bpf_gate.state(flow) if gate.backend is Backend.BPF else None
+            conn.shutdown(socket.SHUT_WR)  # origin's FIN; the peer answers with its own
+            assert peer.recv(10) == b""
+            peer.close()
+            assert conn.recv(10) == b""  # the application has read the end of stream
+            time.sleep(1.0)  # the peer retransmits its FIN; origin answers, held
+            states_before = _peer_states(lab, port)
+            assert gate.commit(conn, base + 1000 + 1)  # end + 1
+            time.sleep(0.3)
         finally:
-            srv.close()
-            conn.close()
+            G.stop_capture(cap)
+        states_after = _peer_states(lab, port)
+        st = gate.bpf_gate.state(flow) if gate.backend is Backend.BPF else None
+        conn.close()
     segs = list(G.read_pcap(capture_path))
     fin_seq = (base + 1000) & 0xFFFFFFFF
     peer_fins = [s for s in segs if s.dport == port and s.flags & 0x01]
@@ -452,45 +420,38 @@ def test_no_sack_block_above_the_commit_leaves_a_flow_guarded_mid_connection(
     of order (SACK) and one already received (D-SACK). No block above the commit leaves: the
     eBPF gate strips every block, the patched kernel sends only a D-SACK below the commit."""
     port = next(_ports)
-    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate:
-        srv = lab.call("origin", G.listener, 4, port)  # not a guarded port: SACK negotiated
+    with open_gate("eth0", backend=gate_backend, netns=lab.netns("origin")) as gate, \
+            G.guarded_connection(lab, None, port) as (conn, peer, _):  # SACK negotiated
+        flow = socket_flow(conn)
+        peer.sendall(b"a" * 2000)
+        assert G.recv_exactly(conn, 2000) == b"a" * 2000
+        time.sleep(0.05)
+        ici = repair.dump(conn)
+        assert ici.params.options & TcpOption.SACK
+        assert gate.guard(conn, ici.rcv_nxt) == ici.rcv_nxt
+        tsval = (peer.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) + 10) & 0xFFFFFFFF
+        cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
+                              f"tcp port {port}")
         try:
-            accept = lab.submit("origin", srv.accept)
-            peer = lab.call("peer", _peer_connect, 4, port, lab.service(4))
-            conn, _ = accept.result(timeout=10)
-            conn.settimeout(10)
-            flow = socket_flow(conn)
-            peer.sendall(b"a" * 2000)
-            assert G.recv_exactly(conn, 2000) == b"a" * 2000
-            time.sleep(0.05)
-            ici = repair.dump(conn)
-            assert ici.params.options & TcpOption.SACK
-            assert gate.guard(conn, ici.rcv_nxt) == ici.rcv_nxt
-            tsval = (peer.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) + 10) & 0xFFFFFFFF
-            cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", capture_path,
-                                  f"tcp port {port}")
-            try:
-                later = b"q" * 5000
-                # out of order (SACK) and already received (D-SACK), consistent with the stream
-                for seq, data in ((ici.rcv_nxt + 2896, later[2896:2996]),
-                                  (ici.rcv_nxt - 500, b"a" * 100)):
-                    lab.call("peer", _inject, str(flow.remote_addr), str(flow.local_addr),
-                             flow.remote_port, flow.local_port, seq & 0xFFFFFFFF, ici.snd_nxt,
-                             tsval, data)
-                    time.sleep(0.1)
-            finally:
-                G.stop_capture(cap)
-            counters = gate.bpf_gate.counters(flow) if gate.backend is Backend.BPF else None
-            peer.sendall(later)
-            got = b""
-            while len(got) < len(later):
-                chunk = conn.recv(65536)
-                assert chunk
-                got += chunk
-                gate.commit(conn, ici.rcv_nxt + len(got))
-            assert got == later
+            later = b"q" * 5000
+            # out of order (SACK) and already received (D-SACK), consistent with the stream
+            for seq, data in ((ici.rcv_nxt + 2896, later[2896:2996]),
+                              (ici.rcv_nxt - 500, b"a" * 100)):
+                lab.call("peer", _inject, str(flow.remote_addr), str(flow.local_addr),
+                         flow.remote_port, flow.local_port, seq & 0xFFFFFFFF, ici.snd_nxt,
+                         tsval, data)
+                time.sleep(0.1)
         finally:
-            srv.close()
+            G.stop_capture(cap)
+        counters = gate.bpf_gate.counters(flow) if gate.backend is Backend.BPF else None
+        peer.sendall(later)
+        got = b""
+        while len(got) < len(later):
+            chunk = conn.recv(65536)
+            assert chunk
+            got += chunk
+            gate.commit(conn, ici.rcv_nxt + len(got))
+        assert got == later
     from_origin = [s for s in G.read_pcap(capture_path) if s.sport == port]
     assert len(from_origin) >= 2  # the origin answered both injected segments
     blocks = [b for s in from_origin for b in tcpoptions.sack_blocks(s.options)]
