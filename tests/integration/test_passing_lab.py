@@ -77,6 +77,13 @@ def last_report(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return report
 
 
+def assert_kept_flowing(peers: EchoPeers, mid: list[int]) -> None:
+    """Every echo peer ended without error and had sent more at the end than at mid (a count
+    taken after the pass): its connection kept carrying data."""
+    assert peers.errors == {}
+    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+
+
 def paws_counters(lab: Lab) -> dict[str, int]:
     out = lab.run("peer", ["nstat", "-azs", "--json"], capture_output=True, text=True,
                   check=True).stdout
@@ -327,8 +334,7 @@ def test_tcpcp_pass_command_moves_connections_and_runs_the_switch_command(
         assert status(servers["origin"])["conns"] >= 5
         time.sleep(0.3)
         assert peers.finish()
-    assert peers.errors == {}
-    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    assert_kept_flowing(peers, mid)
     for s in socks:
         s.close()
 
@@ -368,8 +374,7 @@ def test_tcpcp_pass_resumes_connections_on_origin_when_the_switch_fails(
         mid = list(peers.sent)
         time.sleep(0.3)
         assert peers.finish()
-    assert peers.errors == {}
-    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    assert_kept_flowing(peers, mid)
     for s in socks:
         s.close()
 
@@ -409,8 +414,7 @@ def test_connections_the_destination_refuses_stay_on_origin_and_keep_flowing(
         assert back["passed"] == 2
         time.sleep(0.3)
         assert peers.finish()
-    assert peers.errors == {}
-    assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+    assert_kept_flowing(peers, mid)
     for s in served + own:
         s.close()
 
@@ -523,8 +527,7 @@ def test_passing_isolated_by_nftables_instead_of_the_gate_keeps_every_byte(
                 mid = list(peers.sent)
                 time.sleep(0.4)
                 assert peers.finish()
-            assert peers.errors == {}
-            assert all(a > m for a, m in zip(peers.sent, mid, strict=True))
+            assert_kept_flowing(peers, mid)
             assert status(controls["origin"])["errors"] == 0
             for s in socks:
                 s.close()
