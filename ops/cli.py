@@ -18,7 +18,7 @@ from ops import logs
 
 SUBCOMMANDS = (
     "ops.labcli",
-    "kernel.passcli",
+    "ops.passcli",
     "store.inspectcli",
 )
 

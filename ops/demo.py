@@ -28,12 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ops import logs
 from ops.lab import Lab, lab
 from ops.probe import Capture, NameServer, reachable
 from ops.redislab import RedisServer
+from ops.wait import wait_until
 
 PORT = 7999
 SERVICE_PORT, RECEIVE_PORT = 8080, 7070
@@ -92,39 +93,59 @@ class Steps:
 
 
 # ----------------------------------------------------------------------------- planned passing
+def write_keyring(path: str | os.PathLike[str]) -> str:
+    """A fresh signing key file (the store's key ring format), mode 0600; returns its path."""
+    from store.signing import new_secret_hex
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"sign_with": "lab", "keys": {"lab": new_secret_hex()}}, f)
+    return str(path)
+
+
 @contextlib.contextmanager
 def demo_servers(the_lab: Lab, tmp: str | os.PathLike[str], *, port: int = SERVICE_PORT,
                  receive_port: int = RECEIVE_PORT, isolation: str = "gate",
-                 own_address: bool = False, log_level: str = "warning"
+                 own_address: bool = False, log_level: str = "warning",
+                 allow_faults: bool = False, extra: Sequence[str] = ()
                  ) -> Iterator[dict[str, str]]:
-    """kernel.demo_server on origin and standby, serving the service address on port and
-    receiving passed connections on receive_port, isolating them by `isolation` (gate or nft);
-    yields their control sockets. Each logs JSON lines to TMP/HOST.log; with own_address each
-    also listens on its own lab address, one the other host does not serve."""
-    from kernel.demo_server import raise_fd_limit
+    """ops.apps.demo_server on origin and standby, serving the service address on port and
+    receiving connections passed by the other on its own address and receive_port, signed with
+    one fresh key ring, isolating them by `isolation` (gate or nft); yields their control
+    sockets. Each logs JSON lines to TMP/HOST.log; with own_address each also listens on its own
+    lab address, one the other host does not serve."""
+    from ops.apps.demo_server import raise_fd_limit
+    from ops.passcli import request
 
     raise_fd_limit()
+    keys = write_keyring(os.path.join(tmp, "keys.json"))
     controls: dict[str, str] = {}
     procs = []
     env = {**os.environ, "TCPCP_LOG_FORMAT": "json", "TCPCP_LOG_LEVEL": log_level}
-    for host in ("origin", "standby"):
+    for host, other in (("origin", "standby"), ("standby", "origin")):
         controls[host] = os.path.join(tmp, f"{host}.sock")
         own = ["--listen", the_lab.addr(host, 4)] if own_address else []
-        log = open(os.path.join(tmp, f"{host}.log"), "wb")  # noqa: SIM115
+        log = open(os.path.join(tmp, f"{host}.log"), "ab")  # noqa: SIM115
         procs.append(the_lab.popen(host, [
-            sys.executable, "-m", "kernel.demo_server", *own,
+            sys.executable, "-m", "ops.apps.demo_server", "--name", host, "--keys", keys,
+            "--accept-from", other, *own,
             "--listen", the_lab.service(4), "--listen", the_lab.service(6),
-            "--port", str(port), "--receive-port", str(receive_port),
+            "--port", str(port), "--receive-on", f"{the_lab.addr(host, 4)}:{receive_port}",
             "--isolation", isolation, "--control", controls[host],
             "--serve", the_lab.service(4), "--serve", the_lab.service(6),
+            *(["--allow-faults"] if allow_faults else []), *extra,
         ], stdout=log, stderr=log, env=env))
         log.close()
-    deadline = time.monotonic() + 20
-    while not all(os.path.exists(c) for c in controls.values()):
-        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-            raise DemoFailed(f"demo servers did not come up (logs in {tmp})")
-        time.sleep(0.05)
+
+    def up() -> bool:
+        for p in procs:
+            if p.poll() is not None:
+                raise DemoFailed(f"a demo server exited with {p.returncode} (logs in {tmp})")
+        return all(request(c, {"cmd": "status"}, 2)["event"] == "status"
+                   for c in controls.values())
+
     try:
+        wait_until(up, 20, what="demo servers answer on their control sockets")
         yield controls
     finally:
         for p in procs:
@@ -140,8 +161,8 @@ def _paws(the_lab: Lab) -> int:
 
 
 def run_passing(the_lab: Lab, steps: Steps, tmp: str, echo_conns: int) -> None:
-    from kernel.demo_server import EchoPeers, counting
-    from kernel.passcli import pass_connections
+    from ops.apps.demo_server import EchoPeers, counting
+    from ops.passcli import LabSwitch, pass_connections
 
     with demo_servers(the_lab, tmp) as controls:
         cap = Capture(the_lab, "peer", "eth0", f"tcp port {SERVICE_PORT}").start()
@@ -158,17 +179,20 @@ def run_passing(the_lab: Lab, steps: Steps, tmp: str, echo_conns: int) -> None:
         print(f"    peer: {echo_conns} echo connections (v4 and v6) and curl downloading "
               f"{DOWNLOAD_BYTES // 1_000_000} MB at {DOWNLOAD_RATE // 1_000_000} MB/s")
         with EchoPeers(socks) as peers:
-            time.sleep(0.5)
+            wait_until(lambda: all(peers.received), 10, what="every echo connection flowing")
             for src, dst in (("origin", "standby"), ("standby", "origin")):
                 addr = the_lab.addr(dst, 4)
                 t = time.monotonic()
-                report = pass_connections(controls[src], f"{addr}:{RECEIVE_PORT}",
-                                          lambda d=dst: the_lab.switch_route(d))  # type: ignore[misc]
+                report = pass_connections(controls[src], f"{addr}:{RECEIVE_PORT}", dst,
+                                          LabSwitch(the_lab, src, dst))
                 ms = (time.monotonic() - t) * 1000
-                steps.check(report.get("event") == "passed",
+                steps.check(report.get("event") == "passed" and not report.get("resumed"),
                             f"passed {report.get('passed')} connections {src} -> {dst} in "
                             f"{ms:.0f} ms (isolate, dump, transfer, restore, switch, activate)")
-                time.sleep(0.7)
+                mark = list(peers.received)
+                wait_until(lambda m=mark: all(r > x for r, x in zip(peers.received, m,  # type: ignore[misc]
+                                                                     strict=True)),
+                           10, what=f"every echo connection flowing again on {dst}")
             drained = peers.finish()
         steps.check(drained and not peers.errors,
                     f"echo: {sum(peers.sent):,} bytes sent, every byte came back once and in "

@@ -26,8 +26,8 @@ from typing import Any
 import structlog
 
 from kernel import repair
-from kernel.demo_server import raise_fd_limit
-from kernel.passing import FlowIsolation, GateIsolation, Isolation, flow_of
+from ops.apps.demo_server import raise_fd_limit
+from kernel.isolation import FlowIsolation, GateIsolation, Isolation, flow_of
 from kernel.sanity import RestorePolicy
 from ops.lab import Lab
 

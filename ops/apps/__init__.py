@@ -1,0 +1,1 @@
+"""Example applications that run on tcpcp: the passing demo server (counting echo + HTTP)."""
