@@ -1,20 +1,24 @@
 """The portable ICI wire format: encode an Ici to bytes and decode bytes back, refusing bad input.
 
-Layout (network byte order throughout, version 1):
+Layout (network byte order throughout, version 2):
 
     header   magic "TCPI" | version u16 | reserved u16 (0) | total length u32
     identity family u8 (4|6) | state u8 | local port u16 | peer port u16 |
              local addr (4|16) | peer addr (4|16)
     params   options u8 | snd_wscale u8 | rcv_wscale u8 | reserved u8 (0) | mss_clamp u16
-    seq      snd_una u32 | rcv_nxt u32
+    seq      snd_una u32 | rcv_nxt u32 | FIN flags u8 (1 our FIN sent)
     window   snd_wl1 u32 | snd_wnd u32 | max_window u32 | rcv_wnd u32 | rcv_wup u32
     clock    tsval u32 | read_at_ms u64
-    sockopts flags u8 (1 nodelay, 2 keepalive) | keepidle u32 | keepintvl u32 | keepcnt u32 |
-             sndbuf u32 | rcvbuf u32
+    sockopts flags u8 (1 nodelay, 2 keepalive) | buffer locks u8 (1 sndbuf, 2 rcvbuf) |
+             keepidle u32 | keepintvl u32 | keepcnt u32 | sndbuf u32 | rcvbuf u32
     queues   sent length u32 + bytes | unsent length u32 + bytes | received length u32 + bytes
     trailer  CRC-32 (zlib polynomial) u32 of every byte before it
 
 Anything else raises IciDecodeError naming the field and what was expected.
+
+Version 2 (half-closed connections, buffer lock state) added the FIN flags byte and the buffer
+locks byte; a version 1 record is refused by its version field (no checkpoint outlives the
+connection it describes, so there is nothing to migrate).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import zlib
 
 from kernel.errors import KernelError
 from kernel.ici import (
+    SOCK_RCVBUF_LOCK,
+    SOCK_SNDBUF_LOCK,
     Family,
     Ici,
     IciInvalid,
@@ -37,20 +43,30 @@ from kernel.ici import (
 )
 
 MAGIC = b"TCPI"
-VERSION = 1
+VERSION = 2
 MAX_QUEUE_BYTES = 64 << 20
 """Structural cap per queue; the restore policy (kernel.sanity) sets the tighter, configured one."""
 
 _HEADER = struct.Struct("!4sHHI")
 _PORTS = struct.Struct("!BBHH")
 _PARAMS = struct.Struct("!BBBBH")
-_SEQ = struct.Struct("!II")
+_SEQ = struct.Struct("!IIB")
 _WINDOW = struct.Struct("!IIIII")
 _CLOCK = struct.Struct("!IQ")
-_SOCKOPTS = struct.Struct("!BIIIII")
+_SOCKOPTS = struct.Struct("!BBIIIII")
 _U32 = struct.Struct("!I")
 _NODELAY, _KEEPALIVE = 1, 2
+_FIN_SENT = 1
+_BUF_LOCKS = SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK
 _KNOWN_OPTIONS = int(TcpOption.TIMESTAMPS | TcpOption.SACK | TcpOption.WSCALE | TcpOption.ECN)
+
+
+def max_encoded_size(max_send_queue: int, max_recv_queue: int) -> int:
+    """The most bytes encode() produces for queues within these limits (an IPv6 identity):
+    what a store record must be able to hold for every ICI a RestorePolicy accepts."""
+    fixed = (_HEADER.size + _PORTS.size + 2 * 16 + _PARAMS.size + _SEQ.size + _WINDOW.size
+             + _CLOCK.size + _SOCKOPTS.size + 3 * _U32.size + _U32.size)
+    return fixed + max_send_queue + max_recv_queue
 
 
 class IciDecodeError(KernelError):
@@ -76,10 +92,11 @@ def encode(ici: Ici) -> bytes:
         ident.peer_addr,
         _PARAMS.pack(int(params.options), params.snd_wscale, params.rcv_wscale, 0,
                      params.mss_clamp),
-        _SEQ.pack(ici.snd_una, ici.rcv_nxt),
+        _SEQ.pack(ici.snd_una, ici.rcv_nxt, _FIN_SENT if ici.fin_sent else 0),
         _WINDOW.pack(win.snd_wl1, win.snd_wnd, win.max_window, win.rcv_wnd, win.rcv_wup),
         _CLOCK.pack(ts.tsval, ts.read_at_ms),
-        _SOCKOPTS.pack(flags, so.keepidle, so.keepintvl, so.keepcnt, so.sndbuf, so.rcvbuf),
+        _SOCKOPTS.pack(flags, so.buf_lock, so.keepidle, so.keepintvl, so.keepcnt, so.sndbuf,
+                       so.rcvbuf),
         _U32.pack(len(ici.sent)), ici.sent,
         _U32.pack(len(ici.unsent)), ici.unsent,
         _U32.pack(len(ici.received)), ici.received,
@@ -155,12 +172,17 @@ def decode(data: bytes | bytearray | memoryview) -> Ici:
         raise IciDecodeError("options", f"bits within {_KNOWN_OPTIONS:#x}", opts)
     if pad != 0:
         raise IciDecodeError("params reserved", "0", pad)
-    snd_una, rcv_nxt = r.unpack("sequence state", _SEQ)
+    snd_una, rcv_nxt, fin_flags = r.unpack("sequence state", _SEQ)
+    if fin_flags & ~_FIN_SENT:
+        raise IciDecodeError("FIN flags", f"bits within {_FIN_SENT:#x}", fin_flags)
     window = Window(*r.unpack("repair window", _WINDOW))
     tsval, read_at = r.unpack("timestamp clock", _CLOCK)
-    flags, keepidle, keepintvl, keepcnt, sndbuf, rcvbuf = r.unpack("socket options", _SOCKOPTS)
+    flags, buf_lock, keepidle, keepintvl, keepcnt, sndbuf, rcvbuf = r.unpack("socket options",
+                                                                             _SOCKOPTS)
     if flags & ~(_NODELAY | _KEEPALIVE):
         raise IciDecodeError("socket option flags", "bits within 0x3", flags)
+    if buf_lock & ~_BUF_LOCKS:
+        raise IciDecodeError("buffer locks", f"bits within {_BUF_LOCKS:#x}", buf_lock)
     sent = r.blob("sent queue")
     unsent = r.blob("unsent queue")
     received = r.blob("receive queue")
@@ -178,7 +200,8 @@ def decode(data: bytes | bytearray | memoryview) -> Ici:
             unsent=unsent,
             received=received,
             sockopts=SockOpts(bool(flags & _NODELAY), bool(flags & _KEEPALIVE), keepidle,
-                              keepintvl, keepcnt, sndbuf, rcvbuf),
+                              keepintvl, keepcnt, sndbuf, rcvbuf, buf_lock),
+            fin_sent=bool(fin_flags & _FIN_SENT),
         )
     except IciInvalid as exc:
         raise IciDecodeError("value", "values the ICI model accepts", str(exc)) from None

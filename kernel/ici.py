@@ -5,6 +5,13 @@ identity, parameters fixed at setup, sequence state, the five TCP_REPAIR_WINDOW 
 timestamp clock, the queues and the socket options worth keeping. Sequence numbers are plain
 ints mod 2**32; the derived ones (snd_nxt, write_seq, receive-queue start) are properties so
 the record cannot contradict itself.
+
+Half-closed connections. A FIN takes a sequence number, and snd_una and rcv_nxt are the
+kernel's own values, so they count a FIN: rcv_nxt is one past the peer's FIN once it arrived
+(CLOSE_WAIT, LAST_ACK, CLOSING) and snd_una one past ours once the peer acknowledged it
+(FIN_WAIT2). The queues hold data bytes only, never a FIN. Which FINs exist follows from the
+state (OUR_FIN_STATES, PEER_FIN_STATES); the one thing the state does not tell, whether our
+FIN has been transmitted, is `fin_sent`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,16 @@ class TcpState(enum.IntEnum):
     LISTEN = 10
     CLOSING = 11
     NEW_SYN_RECV = 12
+
+
+OUR_FIN_STATES = frozenset({TcpState.FIN_WAIT1, TcpState.FIN_WAIT2, TcpState.CLOSING,
+                            TcpState.LAST_ACK})
+"""States in which the application has shut down writing: our FIN ends the send stream."""
+PEER_FIN_STATES = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
+"""States in which the peer's FIN has arrived (rcv_nxt counts it); TIME_WAIT is not restorable."""
+HALF_CLOSED_STATES = OUR_FIN_STATES | PEER_FIN_STATES
+SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK = 1, 2
+"""The kernel's userlocks bits, as getsockopt(SO_BUF_LOCK) reports them (Linux >= 5.14)."""
 
 
 class TcpOption(enum.IntFlag):
@@ -187,7 +204,14 @@ class Timestamp:
 
 @dataclass(frozen=True, slots=True)
 class SockOpts:
-    """Socket options worth keeping. Buffer sizes of 0 mean "autotuned: leave the kernel's"."""
+    """Socket options worth keeping.
+
+    sndbuf/rcvbuf are the kernel's sk_sndbuf/sk_rcvbuf as getsockopt(SO_SNDBUF/SO_RCVBUF)
+    reports them (the doubled value; 0: not recorded, leave the kernel's). buf_lock holds the
+    SO_BUF_LOCK bits (SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK): set where the application fixed the
+    size itself, clear where the kernel autotunes it. Restore gives back the sizes and exactly
+    these bits, so a connection passed any number of times keeps autotuning where it had it.
+    """
 
     nodelay: bool = False
     keepalive: bool = False
@@ -196,21 +220,28 @@ class SockOpts:
     keepcnt: int = 9
     sndbuf: int = 0
     rcvbuf: int = 0
+    buf_lock: int = 0
 
     def __post_init__(self) -> None:
         for name in ("nodelay", "keepalive"):
             if not isinstance(getattr(self, name), bool):
                 raise IciInvalid(f"{name}: expected a bool, got {getattr(self, name)!r}")
         _check_uints(self, U32, "keepidle", "keepintvl", "keepcnt", "sndbuf", "rcvbuf")
+        lock = SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK
+        if type(self.buf_lock) is not int or self.buf_lock & ~lock or self.buf_lock < 0:
+            raise IciInvalid(f"buf_lock: expected bits within {lock:#x}, got {self.buf_lock!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class Ici:
     """One TCP endpoint.
 
-    snd_una is the first byte of the send queue; `sent` were transmitted at least once and
-    `unsent` never were. rcv_nxt is the next byte expected from the peer; `received` are the
-    bytes before it that the application has not read yet.
+    snd_una is the kernel's (first unacknowledged sequence number); the send queue starts at
+    snd_queue_seq, `sent` were transmitted at least once and `unsent` never were. rcv_nxt is
+    the kernel's (next sequence number expected); `received` are the data bytes before it (and
+    before the peer's FIN, if any) that the application has not read yet. fin_sent: our FIN
+    (OUR_FIN_STATES) has been transmitted at least once; it follows every byte of `sent`, and
+    `unsent` is then empty.
     """
 
     identity: Identity
@@ -224,10 +255,13 @@ class Ici:
     unsent: bytes = b""
     received: bytes = b""
     sockopts: SockOpts = field(default_factory=SockOpts)
+    fin_sent: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, TcpState):
             raise IciInvalid(f"state: expected TcpState, got {self.state!r}")
+        if not isinstance(self.fin_sent, bool):
+            raise IciInvalid(f"fin_sent: expected a bool, got {self.fin_sent!r}")
         _check_uint("snd_una", self.snd_una, U32)
         _check_uint("rcv_nxt", self.rcv_nxt, U32)
         for name in ("sent", "unsent", "received"):
@@ -235,14 +269,43 @@ class Ici:
                 raise IciInvalid(f"{name}: expected bytes, got {type(getattr(self, name))}")
 
     @property
+    def our_fin(self) -> bool:
+        """The application shut down writing: our FIN follows the send queue."""
+        return self.state in OUR_FIN_STATES
+
+    @property
+    def peer_fin(self) -> bool:
+        """The peer's FIN has arrived: rcv_nxt counts it, and a reader sees EOF after the queue."""
+        return self.state in PEER_FIN_STATES
+
+    @property
+    def fin_acked(self) -> bool:
+        """The peer acknowledged our FIN (FIN_WAIT2): snd_una counts it, the queue is empty."""
+        return self.state is TcpState.FIN_WAIT2
+
+    @property
+    def snd_queue_seq(self) -> int:
+        """Sequence number of the first byte of the send queue (snd_una less an acked FIN)."""
+        return seq_add(self.snd_una, -int(self.fin_acked))
+
+    @property
     def snd_nxt(self) -> int:
-        return seq_add(self.snd_una, len(self.sent))
+        """The kernel's snd_nxt: after the sent bytes, and after our FIN once transmitted."""
+        fin = self.our_fin and self.fin_sent
+        return seq_add(self.snd_queue_seq, len(self.sent) + int(fin))
 
     @property
     def write_seq(self) -> int:
-        return seq_add(self.snd_nxt, len(self.unsent))
+        """The kernel's write_seq: the end of the send stream, our FIN included."""
+        data_end = seq_add(self.snd_queue_seq, len(self.sent) + len(self.unsent))
+        return seq_add(data_end, int(self.our_fin))
+
+    @property
+    def rcv_data_end(self) -> int:
+        """Sequence number after the last data byte received (the peer's FIN, if it came)."""
+        return seq_add(self.rcv_nxt, -int(self.peer_fin))
 
     @property
     def rcv_queue_seq(self) -> int:
         """Sequence number of the first byte of the receive queue (the kernel's copied_seq)."""
-        return seq_add(self.rcv_nxt, -len(self.received))
+        return seq_add(self.rcv_data_end, -len(self.received))

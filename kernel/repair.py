@@ -19,7 +19,35 @@ restore:  sanity check; socket; SO_REUSEADDR; TCP_REPAIR=1 (forces port reuse);
           TCP_REPAIR_OPTIONS; TCP_TIMESTAMP (checkpoint + elapsed + margin); receive queue;
           sent part of the send queue; TCP_REPAIR_WINDOW (after the receive queue);
           QUEUE=none; kept socket options.
-activate: TCP_REPAIR=0 (window probe) or -1; the unsent bytes written by ordinary send().
+activate: the FINs of a half-closed connection (below); TCP_REPAIR=0 (window probe) or -1;
+          the unsent bytes written by ordinary send(); our FIN if it was never transmitted.
+
+Half-closed connections (CLOSE_WAIT, FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK), after CRIU's
+libsoccr and measured here. dump: SIOCOUTQ (write_seq - snd_una) counts our FIN until it is
+acked and SIOCOUTQNSD (write_seq - snd_nxt) counts it until it is sent, while the peeked send
+queue holds no byte for it; SIOCINQ leaves the peer's FIN out and rcv_nxt counts it. So the
+queues are data only, and the ICI records the state and whether our FIN was sent (ici.py).
+restore builds the ESTABLISHED socket the data describes (queue sequence numbers before any
+FIN; rcv_wup moved back to the data end with rcv_wnd grown by as much, so the right edge stays
+where the peer saw it); activate then replays the FINs in the order the state was reached:
+- our FIN, when sent: shutdown(SHUT_WR) in repair mode with TCP_REPAIR_QUEUE=send, which
+  queues the FIN as already transmitted (tcp_write_xmit skips the wire, tcp_output.c 2781):
+  the retransmission timer delivers it if the peer never got it. Never sent: after repair
+  off, the unsent bytes then shutdown(SHUT_WR), so it goes out behind them at once.
+- the peer's FIN, and the peer's ACK of our FIN (FIN_WAIT2), have no socket option: they are
+  injected as the segment the peer sent, through a raw socket to the local address (the
+  kernel routes it over loopback to the socket; no byte leaves the host). The kernel's answer
+  to an injected FIN is an ACK the peer already has. Injection needs the local address to be
+  local, i.e. the traffic switched: activate refuses (RepairError, nothing sent) otherwise,
+  because a segment routed elsewhere would draw a RST from whoever holds the address.
+  The segments carry no timestamp option: ts_recent stays 0 (TSecr 0, "no echo") until the
+  peer's next real segment sets it, and the restored socket accepts them (measured on 6.18).
+- order: CLOSE_WAIT, LAST_ACK: peer FIN then ours; CLOSING: ours then the peer's with an ack
+  short of our FIN; FIN_WAIT2: ours then the peer's ACK of it. activate checks that the
+  socket reached the dumped state.
+Buffers: restore sets SO_SNDBUF/SO_RCVBUF to the dumped sizes, grows them only if a queue does
+not fit, and finally restores the dumped SO_BUF_LOCK bits (0 gives the buffers back to
+autotuning), so passing a connection does not pin or ratchet its buffers.
 
 A failed restore closes its socket while still in repair mode, which sends nothing: a rejected
 or broken ICI leaves no socket and no packet behind.
@@ -37,22 +65,27 @@ the bit).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import fcntl
 import functools
+import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from kernel import netns
 from kernel._repair_cdef import ffi
 from kernel.errors import KernelError
 from kernel.ici import (
+    HALF_CLOSED_STATES,
+    OUR_FIN_STATES,
     U32,
     Family,
     Ici,
@@ -64,7 +97,7 @@ from kernel.ici import (
     Timestamp,
     Window,
 )
-from kernel.sanity import RestorePolicy, check
+from kernel.sanity import Ecn, RestorePolicy, check
 
 log = structlog.get_logger("tcpcp.kernel.repair")
 
@@ -78,9 +111,13 @@ TCP_REPAIR_WINDOW = 29
 REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = 1, 0, -1
 NO_QUEUE, RECV_QUEUE, SEND_QUEUE = 0, 1, 2
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+SIOCGSKNS = 0x894C  # an fd of the socket's network namespace
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 MAX_TCP_MAXSEG = 32767
 """setsockopt(TCP_MAXSEG) refuses more; TCP_REPAIR_OPTIONS sets the full clamp after connect."""
+SO_BUF_LOCK = 72
+"""getsockopt: the socket's userlocks (SOCK_SNDBUF_LOCK, SOCK_RCVBUF_LOCK); setsockopt sets
+them, 0 re-enabling buffer autotuning (Linux >= 5.14)."""
 IP_FREEBIND, IP_TRANSPARENT = 15, 19
 IPV6_TRANSPARENT, IPV6_FREEBIND = 75, 78
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -88,7 +125,14 @@ DEFAULT_TS_MARGIN_MS = 100
 _FAMILY_AF = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
 _INT = struct.Struct("i")
 _UINT = struct.Struct("I")  # sequence numbers and clock values go in as unsigned 32-bit
-_QUEUE_FITS_DEFAULT_BUFFER = 32 << 10
+_RECV_CHUNK = 64 << 10
+"""The receive queue is written in chunks: each send() in repair mode becomes one skb."""
+_MAX_BUFFER = 1 << 30
+_STATE_TIMEOUT_S = 1.0
+_TH_FIN, _TH_ACK = 0x01, 0x10
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_IPV6 = struct.Struct("!IHBB16s16s")
+_TCP = struct.Struct("!HHIIBBHHH")
 
 
 class RepairError(KernelError):
@@ -162,23 +206,26 @@ _WINDOW_P = ffi.typeof("struct tcp_repair_window *")
 _WINDOW_SIZE = ffi.sizeof("struct tcp_repair_window")
 _OPTS = ffi.typeof("struct tcp_repair_opt[]")
 _DEFAULT_SOCKOPTS = SockOpts()
+_DUMPABLE = frozenset({TcpState.ESTABLISHED}) | HALF_CLOSED_STATES
 
 
-def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: bool = False) -> Ici:
-    """The ICI of an established socket.
+def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: bool = True) -> Ici:
+    """The ICI of an established or half-closed socket (see the module docstring).
 
     The caller guarantees nothing writes to or reads from the socket meanwhile (a send in repair
     mode is queued as if already sent). With stay_in_repair the socket is left in repair mode,
-    ready for discard(). keep_buffers records SO_SNDBUF/SO_RCVBUF (set them on restore too,
-    which turns autotuning off there); otherwise they are left to autotuning.
+    ready for discard(). The buffer sizes and their SO_BUF_LOCK bits are always recorded;
+    keep_buffers=False records no sizes (restore then leaves them to the kernel's defaults).
     """
     get, fd = sock.getsockopt, sock.fileno()
     step = "TCP_INFO"
     try:
         info = _struct(_INFO_P, get(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
-        if info.tcpi_state != TcpState.ESTABLISHED:
-            raise RepairError("dump", _conn(sock), "expected state ESTABLISHED, got "
+        if info.tcpi_state not in _DUMPABLE:
+            allowed = ", ".join(sorted(st.name for st in _DUMPABLE))
+            raise RepairError("dump", _conn(sock), f"expected a state among {allowed}, got "
                               f"{TcpState(info.tcpi_state).name}")
+        state = TcpState(info.tcpi_state)
         step = "addresses"
         family = Family.IPV6 if sock.family == socket.AF_INET6 else Family.IPV4
         local, peer = sock.getsockname(), sock.getpeername()
@@ -194,8 +241,9 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
             keepidle=get(SOL_TCP, socket.TCP_KEEPIDLE) if keepalive else d.keepidle,
             keepintvl=get(SOL_TCP, socket.TCP_KEEPINTVL) if keepalive else d.keepintvl,
             keepcnt=get(SOL_TCP, socket.TCP_KEEPCNT) if keepalive else d.keepcnt,
-            sndbuf=get(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2 if keep_buffers else 0,
-            rcvbuf=get(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 if keep_buffers else 0,
+            sndbuf=get(socket.SOL_SOCKET, socket.SO_SNDBUF) if keep_buffers else 0,
+            rcvbuf=get(socket.SOL_SOCKET, socket.SO_RCVBUF) if keep_buffers else 0,
+            buf_lock=get(socket.SOL_SOCKET, SO_BUF_LOCK),
         )
         step = "TCP_REPAIR=1"
         sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
@@ -204,17 +252,22 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
     ok = False
     try:
         step = "SIOCINQ"
-        inq = _ioctl_int(fd, SIOCINQ)
+        inq = _ioctl_int(fd, SIOCINQ)  # data only: the kernel leaves a received FIN out
         step = "SIOCOUTQ"
-        outq = _ioctl_int(fd, SIOCOUTQ)
+        outq = _ioctl_int(fd, SIOCOUTQ)  # write_seq - snd_una: counts our FIN until acked
         step = "SIOCOUTQNSD"
-        unsent_len = _ioctl_int(fd, SIOCOUTQNSD)
+        nsd = _ioctl_int(fd, SIOCOUTQNSD)  # write_seq - snd_nxt: counts our FIN until sent
+        our_fin = state in OUR_FIN_STATES
+        fin_pending = our_fin and state is not TcpState.FIN_WAIT2  # FIN counted in outq
+        fin_sent = our_fin and (state is TcpState.FIN_WAIT2 or nsd == 0)
+        data_out = outq - int(fin_pending)
+        unsent_len = nsd - int(our_fin and not fin_sent)
         step = "TCP_REPAIR_QUEUE send"
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
         step = "TCP_QUEUE_SEQ send"
         write_seq = get(SOL_TCP, TCP_QUEUE_SEQ)
         step = "peek send queue"
-        send_queue = _peek(sock, outq)
+        send_queue = _peek(sock, data_out)
         step = "TCP_REPAIR_QUEUE recv"
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
         step = "TCP_QUEUE_SEQ recv"
@@ -230,11 +283,11 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
         mss_clamp = get(SOL_TCP, socket.TCP_MAXSEG)
         step = "TCP_REPAIR_WINDOW"
         win = _struct(_WINDOW_P, get(SOL_TCP, TCP_REPAIR_WINDOW, _WINDOW_SIZE))
-        sent_len = outq - unsent_len
+        sent_len = data_out - unsent_len
         wscales = int(info.tcpi_wscales)
         ici = Ici(
             identity=identity,
-            state=TcpState.ESTABLISHED,
+            state=state,
             params=Params(mss_clamp, wscales & 0xF, wscales >> 4,
                           TcpOption(info.tcpi_options & 0xF)),
             snd_una=(write_seq - outq) & U32,
@@ -245,6 +298,7 @@ def dump(sock: socket.socket, *, stay_in_repair: bool = False, keep_buffers: boo
             unsent=send_queue[sent_len:],
             received=recv_queue,
             sockopts=sockopts,
+            fin_sent=fin_sent,
         )
         ok = True
         return ici
@@ -307,16 +361,38 @@ def _repair_options(params: Params) -> bytes:
     return bytes(ffi.buffer(arr))
 
 
+def _data_window(ici: Ici) -> Window:
+    """The repair window for the socket restore() builds, whose rcv_nxt is the data end (the
+    peer's FIN comes in activate()): rcv_wup no later than that, the right edge unchanged."""
+    w, end = ici.window, ici.rcv_data_end
+    back = (w.rcv_wup - end) & U32
+    if back == 0 or back >= 1 << 31:
+        return w
+    return Window(w.snd_wl1, w.snd_wnd, w.max_window, min(w.rcv_wnd + back, U32), end)
+
+
 def _repair_window(w: Window) -> bytes:
     win = ffi.new(_WINDOW_P, (w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup))
     return bytes(ffi.buffer(win))
 
 
-def _write_queue(sock: socket.socket, data: bytes) -> None:
-    """Write one queue in repair mode; the socket is non-blocking so a full buffer fails fast."""
+def _write_queue(sock: socket.socket, data: bytes, *, recv: bool) -> None:
+    """Write one queue in repair mode (the socket is non-blocking). When the buffer is full
+    (EAGAIN for the send queue, ENOMEM for the receive queue) it is doubled and the write goes
+    on: buffers grow only as far as the queue needs."""
     view = memoryview(data)
+    bufopt, force = ((socket.SO_RCVBUF, SO_RCVBUFFORCE) if recv
+                     else (socket.SO_SNDBUF, SO_SNDBUFFORCE))
     while view:
-        view = view[sock.send(view):]
+        try:
+            view = view[sock.send(view[:_RECV_CHUNK] if recv else view):]
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ENOMEM):
+                raise
+            size = sock.getsockopt(socket.SOL_SOCKET, bufopt)
+            if size >= _MAX_BUFFER:
+                raise
+            sock.setsockopt(socket.SOL_SOCKET, force, size)  # the kernel doubles it
 
 
 def restore(
@@ -335,6 +411,9 @@ def restore(
     The timestamp clock continues from the checkpoint: value + (now - read instant) + margin.
     """
     check(ici, policy)
+    if TcpOption.ECN in ici.params.options and policy.ecn is Ecn.DOWNGRADE:
+        log.warning("ecn_downgraded", conn=str(ici.identity),
+                    detail="the kernel cannot restore ECN: the flow continues without it")
     if (sock is not None) != (port_mode is PortMode.PREBOUND):
         raise ValueError("a socket is passed exactly when port_mode is PREBOUND")
     ident, params = ici.identity, ici.params
@@ -354,19 +433,14 @@ def restore(
             setopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
         else:
             setopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-        step = "buffer sizes"
-        send_bytes, recv_bytes = len(ici.sent) + len(ici.unsent), len(ici.received)
+        step = "buffer sizes"  # the dumped sizes (the kernel doubles what it is given)
         if so.sndbuf:
-            setopt(socket.SOL_SOCKET, socket.SO_SNDBUF, so.sndbuf)
+            setopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, so.sndbuf // 2)
         if so.rcvbuf:
-            setopt(socket.SOL_SOCKET, socket.SO_RCVBUF, so.rcvbuf)
-        if send_bytes > _QUEUE_FITS_DEFAULT_BUFFER:
-            setopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, max(2 * send_bytes, so.sndbuf))
-        if recv_bytes > _QUEUE_FITS_DEFAULT_BUFFER:
-            setopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, max(2 * recv_bytes, so.rcvbuf))
-        step = "TCP_QUEUE_SEQ send"
+            setopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, so.rcvbuf // 2)
+        step = "TCP_QUEUE_SEQ send"  # data only: our FIN comes back in activate()
         setopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
-        setopt(SOL_TCP, TCP_QUEUE_SEQ, _UINT.pack(ici.snd_una))
+        setopt(SOL_TCP, TCP_QUEUE_SEQ, _UINT.pack(ici.snd_queue_seq))
         step = "TCP_QUEUE_SEQ recv"
         setopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
         setopt(SOL_TCP, TCP_QUEUE_SEQ, _UINT.pack(ici.rcv_queue_seq))
@@ -391,14 +465,16 @@ def restore(
             if ici.received:
                 step = "write receive queue"
                 setopt(SOL_TCP, TCP_REPAIR_QUEUE, RECV_QUEUE)
-                _write_queue(sock, ici.received)
+                _write_queue(sock, ici.received, recv=True)
             if ici.sent:
                 step = "write sent queue"
                 setopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
-                _write_queue(sock, ici.sent)
+                _write_queue(sock, ici.sent, recv=False)
             sock.setblocking(True)
+        step = "SO_BUF_LOCK"  # the dumped lock bits: 0 gives the buffers back to autotuning
+        setopt(socket.SOL_SOCKET, SO_BUF_LOCK, so.buf_lock)
         step = "TCP_REPAIR_WINDOW"  # after the receive queue: EINVAL if rcv_wup > rcv_nxt
-        setopt(SOL_TCP, TCP_REPAIR_WINDOW, _repair_window(ici.window))
+        setopt(SOL_TCP, TCP_REPAIR_WINDOW, _repair_window(_data_window(ici)))
         step = "TCP_REPAIR_QUEUE none"
         setopt(SOL_TCP, TCP_REPAIR_QUEUE, NO_QUEUE)
         step = "socket options"
@@ -445,21 +521,147 @@ def restore_many(
 
 
 def activate(restored: Restored, *, window_probe: bool = True) -> socket.socket:
-    """Leave repair mode and write the never-sent bytes; the socket is then an ordinary one.
+    """Bring back the FINs of a half-closed connection, leave repair mode and write the
+    never-sent bytes (and our never-sent FIN); the socket is then an ordinary one in the
+    dumped state. A peer's FIN needs the local address to be local here (traffic switched).
 
-    With window_probe the kernel sends a probe on leaving repair mode, which makes the peer
-    answer with an ACK (the paper's step 10 wake-up) even when there is nothing to send.
+    With window_probe the kernel sends a probe on leaving repair mode (ESTABLISHED only),
+    which makes the peer answer with an ACK (the paper's step 10 wake-up) even when there is
+    nothing to send.
     """
     sock, ici = restored.sock, restored.ici
+    state = ici.state
     step = "TCP_REPAIR off"
     try:
+        if state in (TcpState.CLOSE_WAIT, TcpState.LAST_ACK):
+            step = "peer FIN"
+            _inject(sock, ici, _TH_FIN | _TH_ACK, seq=ici.rcv_data_end, ack=ici.snd_queue_seq)
+            _await_state(sock, TcpState.CLOSE_WAIT)
+        if ici.our_fin and ici.fin_sent:
+            step = "our FIN (sent)"
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
+            sock.shutdown(socket.SHUT_WR)  # queued as transmitted: nothing on the wire
+            sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, NO_QUEUE)
+            if state is TcpState.FIN_WAIT2:
+                step = "peer ACK of our FIN"
+                _inject(sock, ici, _TH_ACK, seq=ici.rcv_nxt, ack=ici.snd_una)
+            elif state is TcpState.CLOSING:
+                step = "peer FIN"
+                _inject(sock, ici, _TH_FIN | _TH_ACK, seq=ici.rcv_data_end, ack=ici.snd_queue_seq)
+            _await_state(sock, state)
+        step = "TCP_REPAIR off"
         sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF if window_probe else REPAIR_OFF_NO_WP)
         if ici.unsent:
             step = "send unsent bytes"
             sock.sendall(ici.unsent)
+        if ici.our_fin and not ici.fin_sent:
+            step = "our FIN (unsent)"
+            sock.shutdown(socket.SHUT_WR)  # after the unsent bytes, on the wire at once
+            if state is TcpState.CLOSING:
+                step = "peer FIN"
+                _inject(sock, ici, _TH_FIN | _TH_ACK, seq=ici.rcv_data_end, ack=ici.snd_queue_seq)
+            _await_state(sock, state, also=_PROGRESS.get(state, frozenset()))
     except OSError as exc:
         raise _failure(step, ici.identity, exc) from exc
     return sock
+
+
+_PROGRESS = {
+    TcpState.FIN_WAIT1: frozenset({TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.TIME_WAIT}),
+    TcpState.LAST_ACK: frozenset({TcpState.CLOSE}),
+    TcpState.CLOSING: frozenset({TcpState.TIME_WAIT}),
+}
+"""States an unsent FIN may already have led to by the time activate() looks (the peer acks
+it within a round trip)."""
+
+
+def tcp_state(sock: socket.socket) -> TcpState:
+    """The socket's TCP state (tcp_info)."""
+    info = _struct(_INFO_P, sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
+    return TcpState(info.tcpi_state)
+
+
+def _await_state(sock: socket.socket, state: TcpState,
+                 also: frozenset[TcpState] = frozenset()) -> None:
+    """Poll tcp_info until the socket is in state (an injected segment is processed in softirq,
+    normally before sendto returns); OSError(EPROTO) naming both states otherwise."""
+    deadline = time.monotonic() + _STATE_TIMEOUT_S
+    while True:
+        now = tcp_state(sock)
+        if now is state or now in also:
+            return
+        if time.monotonic() >= deadline:
+            raise OSError(errno.EPROTO, f"expected state {state.name}, got {now.name}")
+        time.sleep(0.0005)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _segment(ici: Ici, flags: int, seq: int, ack: int) -> tuple[int, bytes, str]:
+    """The segment the peer would send (peer -> local, no options), with its IP header:
+    (address family, packet, destination)."""
+    ident, af = ici.identity, _FAMILY_AF[ici.identity.family]
+    scale = ici.params.snd_wscale
+    wnd = min(0xFFFF, -(-ici.window.snd_wnd >> scale))  # the peer's window, as it sent it
+    tcp = _TCP.pack(ident.peer_port, ident.local_port, seq & U32, ack & U32, 5 << 4, flags,
+                    wnd, 0, 0)
+    src, dst = ident.peer_addr, ident.local_addr
+    if af == socket.AF_INET:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+        head = _IPV4.pack(0x45, 0, _IPV4.size + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP,
+                          0, src, dst)
+    else:
+        pseudo = src + dst + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
+        head = _IPV6.pack(6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    return af, head + tcp, socket.inet_ntop(af, dst)
+
+
+@contextlib.contextmanager
+def _in_netns_of(sock: socket.socket) -> Iterator[None]:
+    """The calling thread in sock's network namespace (SIOCGSKNS) for the block: the restored
+    socket may live in another namespace than the thread activating it."""
+    ns = fcntl.ioctl(sock.fileno(), SIOCGSKNS)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        netns.setns(ns)
+        try:
+            yield
+        finally:
+            netns.setns(home)
+    finally:
+        os.close(home)
+        os.close(ns)
+
+
+def _inject(sock: socket.socket, ici: Ici, flags: int, *, seq: int, ack: int) -> None:
+    """Deliver a segment from the peer to the restored socket over loopback (a raw socket in
+    the socket's namespace).
+
+    Refused (EADDRNOTAVAIL, nothing sent) unless the local address is local there: routed
+    anywhere else the segment would reach a host without the socket, which answers the peer
+    with a RST."""
+    af, packet, dst = _segment(ici, flags, seq, ack)
+    with _in_netns_of(sock):
+        _send_raw(af, packet, dst)
+
+
+def _send_raw(af: int, packet: bytes, dst: str) -> None:
+    with socket.socket(af, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((dst, 0))
+        except OSError as exc:
+            raise OSError(exc.errno, f"{dst} is not local here yet (switch the traffic before "
+                          "activate): a peer's segment cannot be replayed") from exc
+    with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(packet, (dst, 0))
 
 
 def activate_many(

@@ -3,15 +3,29 @@
 Restoring is a privileged operation that could forge arbitrary connections, so the ICI is
 compared against what this host is configured to serve and what the kernel can honour.
 Pure: `check(ici, policy)` returns nothing or raises IciRejected with the reason.
+
+ECN. The ICI keeps the ECN flag (tcpi_options bit 8), but a stock kernel cannot give it back:
+TCP_REPAIR_OPTIONS knows MSS, WINDOW, SACK_PERM and TIMESTAMP only (tcp_repair_options_est,
+net/ipv4/tcp.c 3468-3516 in 6.12), connect() in repair mode returns before tcp_ecn_send_syn
+(tcp_connect, tcp_output.c 4151-4154 vs 4164), and TCP_ECN_OK is otherwise set only from a
+SYN, SYN-ACK or request socket (tcp_output.c 354, tcp_minisocks.c 455, tcp_input.c
+tcp_ecn_rcv_synack); IP_TOS masks the ECN bits of stream sockets. Measured on 6.18: a
+restored ECN flow reports no ECN in tcpi_options and sends Not-ECT. A restored flow without
+TCP_ECN_OK ignores the CE marks the peer's ECT packets collect (tcp_ecn_check_ce returns
+early) and never echoes ECE, so the peer stops reacting to congestion marks: that is a change
+for the network, not only for this connection. Hence RestorePolicy.ecn, default REFUSE
+(IciRejected "ecn"); DOWNGRADE restores the flow without ECN and logs a warning, for an
+operator who prefers the connection to the marks.
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
-from kernel.ici import Ici, TcpOption, TcpState
+from kernel.ici import HALF_CLOSED_STATES, Ici, TcpOption, TcpState
 from kernel.seq import after, seq_add
 
 TCP_MIN_MSS = 88
@@ -20,6 +34,17 @@ TCP_MAX_WSCALE = 14
 MAX_WINDOW = 65535 << TCP_MAX_WSCALE
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+RESTORABLE_STATES = frozenset({TcpState.ESTABLISHED}) | HALF_CLOSED_STATES
+"""ESTABLISHED and the half-closed states kernel.repair recreates (not TIME_WAIT, CLOSE)."""
+
+
+class Ecn(enum.Enum):
+    """What to do with a flow that negotiated ECN, which no stock kernel can restore."""
+
+    REFUSE = "refuse"        # IciRejected: the flow is not restored
+    DOWNGRADE = "downgrade"  # restored without ECN (repair.restore logs ecn_downgraded)
 
 
 class IciRejected(KernelError):
@@ -35,9 +60,10 @@ class RestorePolicy:
     """What this host accepts: the local addresses it serves and the queue limits it allows."""
 
     local_addresses: frozenset[IpAddress]
-    max_send_queue: int = 16 << 20
-    max_recv_queue: int = 16 << 20
-    states: frozenset[TcpState] = frozenset({TcpState.ESTABLISHED})
+    max_send_queue: int = 8 << 20
+    max_recv_queue: int = 8 << 20
+    states: frozenset[TcpState] = RESTORABLE_STATES
+    ecn: Ecn = Ecn.REFUSE
     packed: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +94,20 @@ def check(ici: Ici, policy: RestorePolicy) -> None:
     if not _unicast(ident.peer_addr) or ident.peer_port == 0:
         raise IciRejected("peer", f"expected a unicast peer with a port, got "
                           f"{ident.peer_ip}:{ident.peer_port}")
+    if TcpOption.ECN in params.options and policy.ecn is Ecn.REFUSE:
+        raise IciRejected("ecn", "expected a flow without ECN (the kernel cannot restore "
+                          "ECN; RestorePolicy.ecn=DOWNGRADE restores it without), got one "
+                          "that negotiated ECN")
+    if ici.fin_sent and not ici.our_fin:
+        raise IciRejected("fin", f"fin_sent: expected False in {ici.state.name}, got True")
+    if ici.fin_acked and not ici.fin_sent:
+        raise IciRejected("fin", "fin_sent: expected True in FIN_WAIT2, got False")
+    if ici.fin_acked and (ici.sent or ici.unsent):
+        raise IciRejected("fin", f"send queue: expected empty in FIN_WAIT2 (our FIN acked), "
+                          f"got {len(ici.sent) + len(ici.unsent)} bytes")
+    if ici.fin_sent and ici.unsent:
+        raise IciRejected("fin", f"unsent: expected empty after a transmitted FIN, got "
+                          f"{len(ici.unsent)} bytes")
     if not TCP_MIN_MSS <= params.mss_clamp <= TCP_MAX_MSS:
         raise IciRejected("mss", f"expected {TCP_MIN_MSS}..{TCP_MAX_MSS}, got {params.mss_clamp}")
     for name in ("snd_wscale", "rcv_wscale"):

@@ -22,7 +22,7 @@ import pytest
 
 from kernel import codec, repair
 from kernel.ici import Ici
-from kernel.passing import Isolation, flow_of
+from kernel.isolation import Isolation, flow_of
 from kernel.sanity import IciRejected, RestorePolicy
 from ops import gatelab
 from ops.lab import Lab

@@ -51,7 +51,9 @@ icis = st.builds(
     sent=queue,
     unsent=queue,
     received=queue,
-    sockopts=st.builds(SockOpts, st.booleans(), st.booleans(), u32, u32, u32, u32, u32),
+    sockopts=st.builds(SockOpts, st.booleans(), st.booleans(), u32, u32, u32, u32, u32,
+                       st.integers(0, 3)),
+    fin_sent=st.booleans(),
 )
 
 
@@ -61,9 +63,35 @@ def test_every_ici_decodes_to_itself(ici: Ici) -> None:
 
 
 @given(icis)
-def test_derived_sequence_numbers_follow_the_queues(ici: Ici) -> None:
-    assert (ici.write_seq - ici.snd_una) % 2**32 == len(ici.sent) + len(ici.unsent)
-    assert (ici.rcv_nxt - ici.rcv_queue_seq) % 2**32 == len(ici.received)
+def test_derived_sequence_numbers_follow_the_queues_and_count_each_fin_once(ici: Ici) -> None:
+    """As the kernel's SIOCOUTQ/SIOCOUTQNSD/SIOCINQ see them: our FIN is in write_seq - snd_una
+    until acked and in write_seq - snd_nxt until sent; the peer's FIN is in rcv_nxt only."""
+    fin_queued = ici.our_fin and not ici.fin_acked
+    fin_unsent = ici.our_fin and not ici.fin_sent
+    assert (ici.write_seq - ici.snd_una) % 2**32 == (
+        len(ici.sent) + len(ici.unsent) + fin_queued) % 2**32
+    assert (ici.write_seq - ici.snd_nxt) % 2**32 == len(ici.unsent) + fin_unsent
+    assert (ici.rcv_nxt - ici.rcv_queue_seq) % 2**32 == len(ici.received) + ici.peer_fin
+    assert ici.snd_queue_seq == (ici.snd_una - ici.fin_acked) % 2**32
+
+
+@pytest.mark.parametrize(("field", "offset", "value", "message"), [
+    ("FIN flags", 0, 2, "ICI field FIN flags: expected bits within 0x1, got 2"),
+    ("buffer locks", 1, 4, "ICI field buffer locks: expected bits within 0x3, got 4"),
+])
+def test_unknown_bits_in_the_new_version_2_fields_are_refused_by_name(
+    field: str, offset: int, value: int, message: str,
+) -> None:
+    ici = Ici(Identity(Family.IPV4, bytes(4), 1, bytes(4), 2), TcpState.ESTABLISHED,
+              Params(1460, 7, 7, TcpOption(0)), 1, 2, Window(0, 0, 0, 0, 0), Timestamp(0, 0))
+    raw = bytearray(encode(ici))
+    # FIN flags right after snd_una/rcv_nxt; buffer locks right after the socket option flags
+    pos = {"FIN flags": 12 + 6 + 8 + 6 + 8, "buffer locks": 12 + 6 + 8 + 6 + 9 + 20 + 12 + 1}
+    raw[pos[field]] = value
+    raw[-4:] = struct.pack("!I", zlib.crc32(raw[:-4]))
+    with pytest.raises(IciDecodeError, match=message):
+        decode(bytes(raw))
+    assert VERSION == 2
 
 
 @given(st.binary(max_size=400))
@@ -117,8 +145,9 @@ def _resealed(raw: bytes, offset: int, value: bytes) -> bytes:
 
 @given(icis)
 def test_an_unknown_version_is_refused_naming_the_version(ici: Ici) -> None:
-    with pytest.raises(IciDecodeError, match="version: expected 1, got 2") as err:
-        decode(_resealed(encode(ici), 4, struct.pack("!H", 2)))
+    """Version 1 (no FIN flags, no buffer locks) is refused as any other foreign version."""
+    with pytest.raises(IciDecodeError, match="version: expected 2, got 1") as err:
+        decode(_resealed(encode(ici), 4, struct.pack("!H", 1)))
     assert err.value.field == "version"
 
 

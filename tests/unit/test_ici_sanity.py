@@ -20,7 +20,7 @@ from kernel.ici import (
     Timestamp,
     Window,
 )
-from kernel.sanity import IciRejected, RestorePolicy, check
+from kernel.sanity import RESTORABLE_STATES, Ecn, IciRejected, RestorePolicy, check
 from kernel.seq import seq_add
 from tests.unit.test_ici_codec import icis
 
@@ -125,10 +125,42 @@ def test_a_local_address_the_host_does_not_serve_is_refused(ici: Ici) -> None:
         check(_with(ici, local_addr=foreign), POLICY)
 
 
-@given(sane_icis(), st.sampled_from([s for s in TcpState if s is not TcpState.ESTABLISHED]))
+@given(sane_icis(), st.sampled_from(sorted(set(TcpState) - RESTORABLE_STATES)))
 def test_an_unsupported_state_is_refused(ici: Ici, state: TcpState) -> None:
-    with pytest.raises(IciRejected, match=f"expected one of ESTABLISHED, got {state.name}"):
+    allowed = ", ".join(sorted(s.name for s in RESTORABLE_STATES))
+    with pytest.raises(IciRejected, match=f"expected one of {allowed}, got {state.name}"):
         check(_with(ici, state=state), POLICY)
+
+
+def test_the_default_policy_restores_established_and_every_half_closed_state() -> None:
+    assert POLICY.states == {TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, TcpState.FIN_WAIT1,
+                             TcpState.FIN_WAIT2, TcpState.CLOSING, TcpState.LAST_ACK}
+
+
+@given(sane_icis())
+def test_fin_bookkeeping_that_no_kernel_produces_is_refused(ici: Ici) -> None:
+    base = dataclasses.replace(ici, sent=b"", unsent=b"")
+    with pytest.raises(IciRejected, match="fin: fin_sent: expected False in CLOSE_WAIT"):
+        check(dataclasses.replace(base, state=TcpState.CLOSE_WAIT, fin_sent=True), POLICY)
+    with pytest.raises(IciRejected, match="fin: fin_sent: expected True in FIN_WAIT2"):
+        check(dataclasses.replace(base, state=TcpState.FIN_WAIT2), POLICY)
+    with pytest.raises(IciRejected, match="fin: send queue: expected empty in FIN_WAIT2"):
+        check(dataclasses.replace(base, state=TcpState.FIN_WAIT2, fin_sent=True, sent=b"x"),
+              POLICY)
+    with pytest.raises(IciRejected, match="fin: unsent: expected empty after a transmitted"):
+        check(dataclasses.replace(base, state=TcpState.LAST_ACK, fin_sent=True, unsent=b"x"),
+              POLICY)
+    check(dataclasses.replace(base, state=TcpState.FIN_WAIT2, fin_sent=True), POLICY)
+    check(dataclasses.replace(base, state=TcpState.FIN_WAIT1, unsent=b"x"), POLICY)
+
+
+@given(sane_icis())
+def test_an_ecn_flow_is_refused_by_default_and_downgraded_only_when_asked(ici: Ici) -> None:
+    ecn = _with(ici, params=dataclasses.replace(
+        ici.params, options=ici.params.options | TcpOption.ECN))
+    with pytest.raises(IciRejected, match="ecn: expected a flow without ECN"):
+        check(ecn, POLICY)
+    check(ecn, dataclasses.replace(POLICY, ecn=Ecn.DOWNGRADE))
 
 
 @given(sane_icis())
