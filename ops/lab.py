@@ -14,7 +14,10 @@ bridge port (both directions) and then SIGKILLs every process in the host, so th
 stack sees no error and keeps its sockets; `partition` drops IP traffic between a host and some
 others at the same ports; `heal` undoes both. Traffic moves to another host by gateway route
 (`switch_route`, the paper's method) or by moving the address and announcing it
-(`move_address`: gratuitous ARP and unsolicited neighbour advertisement).
+(`move_address`: gratuitous ARP and unsolicited neighbour advertisement). Single connections
+move by per-connection policy rules on the gateway (`switch_flows`): a rule matching the
+connection's 4-tuple looks up the destination host's own routing table, which sends the service
+address there; every other connection, and every new one, follows the main route.
 
 Each lab is recorded in /run/tcpcp-lab/<prefix>.json with its owner process; a lab whose owner
 died (even by SIGKILL) is removed by the next lab that starts, and a lab's own leftovers of the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import ipaddress
 import itertools
 import json
@@ -32,6 +36,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -42,6 +47,7 @@ from typing import Any, TypeVar
 import structlog
 from pyroute2 import IPRoute
 
+from kernel.ici import Identity
 from ops import announce, labfilter, netns
 
 log = structlog.get_logger("tcpcp.lab")
@@ -57,6 +63,10 @@ CLIENT_V4, CLIENT_V6 = "10.77.1.", "fd77:1::"
 SERVER_V4, SERVER_V6 = "10.77.2.", "fd77:2::"
 SERVICE_V4, SERVICE_V6 = "10.77.9.1", "fd77:9::1"
 SERVER_HOSTS = {"origin": 10, "standby": 11, "store": 20, "store2": 21, "store3": 22}
+# per-connection switch: one routing table per destination host (FLOW_TABLE_BASE + its number),
+# rules at one of two priorities (a replacing rule takes the other, see switch_flows)
+FLOW_TABLE_BASE = 1000
+FLOW_RULE_PRIORITIES = (1000, 1001)
 
 T = TypeVar("T")
 
@@ -75,11 +85,237 @@ class Host:
     gw_port: str | None  # the gateway's interface facing this host (None for gw itself)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class FlowSwitch:
+    """One TCP connection as the gateway sees it: the peer's side and the service's side.
+
+    Written `PEER_IP:PORT>SERVICE_IP:PORT` (IPv6 in brackets), as `parse` reads and str() writes.
+    """
+
+    peer_ip: str
+    peer_port: int
+    service_ip: str
+    service_port: int
+
+    def __post_init__(self) -> None:
+        try:
+            peer = ipaddress.ip_address(self.peer_ip)
+            service = ipaddress.ip_address(self.service_ip)
+        except ValueError as exc:
+            raise LabError(f"flow {self.peer_ip}:{self.peer_port}>{self.service_ip}:"
+                           f"{self.service_port}: {exc}") from None
+        if peer.version != service.version:
+            raise LabError(f"flow {self}: peer and service addresses of different families")
+        for name in ("peer_port", "service_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 0 < port < 65536:
+                raise LabError(f"flow {self.peer_ip}>{self.service_ip}: {name} must be "
+                               f"1-65535, got {port!r}")
+        object.__setattr__(self, "peer_ip", str(peer))  # one spelling per address
+        object.__setattr__(self, "service_ip", str(service))
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.peer_ip else 4
+
+    def __str__(self) -> str:
+        def end(ip: str, port: int) -> str:
+            return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+        return f"{end(self.peer_ip, self.peer_port)}>{end(self.service_ip, self.service_port)}"
+
+    @classmethod
+    def parse(cls, text: str) -> FlowSwitch:
+        """`10.77.1.2:40000>10.77.9.1:8080` or `[fd77:1::2]:40000>[fd77:9::1]:8080`."""
+        m = re.fullmatch(r"\s*(\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d+)\s*>\s*"
+                         r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):(\d+)\s*", text)
+        if not m:
+            raise LabError(f"expected a flow as PEER_IP:PORT>SERVICE_IP:PORT (IPv6 in brackets), "
+                           f"got {text!r}")
+        return cls(m[1].strip("[]"), int(m[2]), m[3].strip("[]"), int(m[4]))
+
+    @classmethod
+    def of(cls, flow: FlowSwitch | Identity) -> FlowSwitch:
+        """A FlowSwitch as is, or a kernel.ici.Identity taken on the service's host (its local
+        side is the service, its peer side the peer)."""
+        if isinstance(flow, FlowSwitch):
+            return flow
+        return cls(str(flow.peer_ip), flow.peer_port, str(flow.local_ip), flow.local_port)
+
+
+@dataclass(frozen=True, slots=True)
+class _FlowRule:
+    table: int
+    priority: int
+
+
 @dataclass(slots=True)
 class _PortRules:
     cut: bool = False
     drop_dst: set[str] = field(default_factory=set)  # ingress at gw: frames from the host to...
     drop_src: set[str] = field(default_factory=set)  # egress at gw: frames to the host from...
+
+
+# ---------------------------------------------------------------- netlink for flow rules
+# pyroute2 waits for each request's answer (~0.85 ms a rule); a switch of 1,000 connections is
+# sent as a few batches of raw rtnetlink messages instead (linux/netlink.h, linux/fib_rules.h,
+# linux/rtnetlink.h), processed by the kernel within each sendmsg.
+_NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_NLA_HDR = struct.Struct("=HH")  # len, type
+# fib_rule_hdr: family dst_len src_len tos table res1 res2 action flags
+_FIB_RULE_HDR = struct.Struct("=BBBBBBBBI")
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type flags
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_RTM_NEWROUTE, _RTM_GETROUTE = 24, 26
+_RTM_NEWRULE, _RTM_DELRULE, _RTM_GETRULE = 32, 33, 34
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP = 0x1, 0x4, 0x300
+_NLM_F_EXCL, _NLM_F_CREATE = 0x200, 0x400
+_FR_ACT_TO_TBL = 1
+_FRA_DST, _FRA_SRC, _FRA_PRIORITY, _FRA_TABLE = 1, 2, 6, 15
+_FRA_IP_PROTO, _FRA_SPORT_RANGE, _FRA_DPORT_RANGE = 22, 23, 24
+_RTA_DST, _RTA_SRC, _RTA_IIF, _RTA_GATEWAY = 1, 2, 3, 5
+_RTA_IP_PROTO, _RTA_SPORT, _RTA_DPORT = 27, 28, 29
+_NETLINK_CAP_ACK = 10
+_BATCH = 256  # messages per sendmsg
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    size = _NLA_HDR.size + len(payload)
+    return _NLA_HDR.pack(size, kind) + payload + b"\0" * (-size % 4)
+
+
+def _nla_walk(data: bytes, offset: int) -> dict[int, bytes]:
+    attrs = {}
+    while offset + _NLA_HDR.size <= len(data):
+        size, kind = _NLA_HDR.unpack_from(data, offset)
+        if size < _NLA_HDR.size:
+            break
+        attrs[kind & 0x3FFF] = data[offset + _NLA_HDR.size : offset + size]
+        offset += (size + 3) & ~3
+    return attrs
+
+
+def _af(family: int) -> int:
+    return socket.AF_INET if family == 4 else socket.AF_INET6
+
+
+def _rule_body(flow: FlowSwitch, rule: _FlowRule) -> bytes:
+    """fib_rule_hdr and attributes of the rule that sends `flow` to `rule.table`."""
+    plen = 32 if flow.family == 4 else 128
+    port_range = struct.Struct("=HH")
+    return (_FIB_RULE_HDR.pack(_af(flow.family), plen, plen, 0, 0, 0, 0, _FR_ACT_TO_TBL, 0)
+            + _nla(_FRA_SRC, ipaddress.ip_address(flow.peer_ip).packed)
+            + _nla(_FRA_DST, ipaddress.ip_address(flow.service_ip).packed)
+            + _nla(_FRA_PRIORITY, struct.pack("=I", rule.priority))
+            + _nla(_FRA_TABLE, struct.pack("=I", rule.table))
+            + _nla(_FRA_IP_PROTO, bytes([socket.IPPROTO_TCP]))
+            + _nla(_FRA_SPORT_RANGE, port_range.pack(flow.peer_port, flow.peer_port))
+            + _nla(_FRA_DPORT_RANGE, port_range.pack(flow.service_port, flow.service_port)))
+
+
+def _flow_of_rule(family: int, body: bytes) -> tuple[FlowSwitch, _FlowRule] | None:
+    """The flow and rule a dumped fib rule is, if it is one of switch_flows' rules."""
+    fam, dst_len, src_len, _tos, table, _r1, _r2, action, _fl = _FIB_RULE_HDR.unpack_from(body)
+    plen = 32 if family == socket.AF_INET else 128
+    if fam != family or (dst_len, src_len, action) != (plen, plen, _FR_ACT_TO_TBL):
+        return None
+    a = _nla_walk(body, _FIB_RULE_HDR.size)
+    table = struct.unpack("=I", a[_FRA_TABLE])[0] if _FRA_TABLE in a else table
+    if not {_FRA_SRC, _FRA_DST, _FRA_PRIORITY, _FRA_SPORT_RANGE, _FRA_DPORT_RANGE} <= a.keys():
+        return None
+    prio = struct.unpack("=I", a[_FRA_PRIORITY])[0]
+    if prio not in FLOW_RULE_PRIORITIES or table - FLOW_TABLE_BASE not in SERVER_HOSTS.values():
+        return None
+    if a.get(_FRA_IP_PROTO) != bytes([socket.IPPROTO_TCP]):
+        return None
+    sport, sport_end = struct.unpack("=HH", a[_FRA_SPORT_RANGE])
+    dport, dport_end = struct.unpack("=HH", a[_FRA_DPORT_RANGE])
+    if sport != sport_end or dport != dport_end:
+        return None
+    flow = FlowSwitch(str(ipaddress.ip_address(a[_FRA_SRC])), sport,
+                      str(ipaddress.ip_address(a[_FRA_DST])), dport)
+    return flow, _FlowRule(table, prio)
+
+
+class _RuleSocket:
+    """A raw rtnetlink socket inside one namespace, for batches of rule requests."""
+
+    def __init__(self, netns_name: str) -> None:
+        with netns.entered(netns_name):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+        self.sock.setsockopt(270, _NETLINK_CAP_ACK, 1)  # SOL_NETLINK: acks without the request
+        self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: dumps, errors
+        self.sock.bind((0, 0))
+        self.sock.settimeout(10)
+        self._seq = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _receive(self, until_seq: int, on_message: Callable[[int, int, bytes], None]) -> None:
+        """Read answers up to the ACK, DONE or error of `until_seq`; each other message goes
+        to on_message(type, seq, body). An error message with errno 0 is an ACK."""
+        while True:
+            data = self.sock.recv(1 << 20)
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                size, kind, _flags, seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
+                body = data[offset + _NLMSG_HDR.size : offset + size]
+                offset += (size + 3) & ~3
+                on_message(kind, seq, body)
+                if seq == until_seq and kind in (_NLMSG_ERROR, _NLMSG_DONE):
+                    return
+
+    def batch(self, kind: int, bodies: Sequence[bytes], flags: int) -> list[tuple[int, int]]:
+        """Send requests in batches; only a batch's last asks for an ACK (the kernel handles a
+        batch in order within sendmsg, so that ACK follows every other answer). Returns
+        (index, errno) for each request the kernel refused."""
+        failed: list[tuple[int, int]] = []
+        for start in range(0, len(bodies), _BATCH):
+            chunk = bodies[start : start + _BATCH]
+            seqs = [next(self._seq) for _ in chunk]
+            index = {seq: start + i for i, seq in enumerate(seqs)}
+            out = bytearray()
+            for i, (seq, body) in enumerate(zip(seqs, chunk, strict=True)):
+                ack = _NLM_F_ACK if i == len(chunk) - 1 else 0
+                out += _NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), kind,
+                                       _NLM_F_REQUEST | flags | ack, seq, 0) + body
+
+            def on_message(msg_kind: int, seq: int, body: bytes,
+                           index: dict[int, int] = index) -> None:
+                if msg_kind == _NLMSG_ERROR and seq in index:
+                    err = -struct.unpack_from("=i", body)[0]
+                    if err:
+                        failed.append((index[seq], err))
+
+            self.sock.sendall(bytes(out))
+            self._receive(seqs[-1], on_message)
+        return failed
+
+    def request(self, kind: int, body: bytes, flags: int = 0) -> list[tuple[int, bytes]]:
+        """One request (a dump with _NLM_F_DUMP); its answers as (type, body). Raises OSError
+        for an error answer."""
+        seq = next(self._seq)
+        answers: list[tuple[int, bytes]] = []
+        error: list[int] = []
+
+        def on_message(msg_kind: int, msg_seq: int, msg_body: bytes) -> None:
+            if msg_seq != seq:
+                return
+            if msg_kind == _NLMSG_ERROR:
+                err = -struct.unpack_from("=i", msg_body)[0]
+                if err:
+                    error.append(err)
+            elif msg_kind != _NLMSG_DONE:
+                answers.append((msg_kind, msg_body))
+
+        ack = 0 if flags & _NLM_F_DUMP else _NLM_F_ACK  # a dump ends with DONE instead
+        self.sock.sendall(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), kind,
+                                          _NLM_F_REQUEST | flags | ack, seq, 0) + body)
+        self._receive(seq, on_message)
+        if error:
+            raise OSError(error[0], os.strerror(error[0]))
+        return answers
 
 
 def _auto_prefix() -> str:
@@ -110,6 +346,7 @@ class Lab:
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
         self._netlinks: dict[str, IPRoute] = {}
+        self._rule_socket: _RuleSocket | None = None  # the gateway's, for flow rule batches
         self._netlink_lock = threading.RLock()
         self._built = False
 
@@ -229,6 +466,9 @@ class Lab:
                 with contextlib.suppress(Exception):
                     ipr.close()
             self._netlinks.clear()
+            if self._rule_socket is not None:
+                self._rule_socket.close()
+                self._rule_socket = None
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
         self._executors.clear()
@@ -444,6 +684,141 @@ class Lab:
         log.info("service_switched", to=host, method="address")
         self._save()
 
+    # ---------------------------------------------------------------- per-connection switch
+    @staticmethod
+    def flow_table(host: str) -> int:
+        """The gateway's routing table that sends the service address to `host`."""
+        return FLOW_TABLE_BASE + SERVER_HOSTS[host]
+
+    def _gw_rules(self) -> _RuleSocket:
+        with self._netlink_lock:
+            if self._rule_socket is None:
+                self._rule_socket = _RuleSocket(self.netns("gw"))
+            return self._rule_socket
+
+    def _flow_rules(self) -> dict[FlowSwitch, _FlowRule]:
+        """The gateway's flow rules, read from its kernel (the only record of them)."""
+        rules: dict[FlowSwitch, _FlowRule] = {}
+        with self._netlink_lock:
+            nl = self._gw_rules()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                query = _FIB_RULE_HDR.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+                for kind, body in nl.request(_RTM_GETRULE, query, _NLM_F_DUMP):
+                    found = _flow_of_rule(family, body) if kind == _RTM_NEWRULE else None
+                    if found is not None:
+                        rules[found[0]] = found[1]
+        return rules
+
+    def _flow_requests(self, kind: int, items: Sequence[tuple[FlowSwitch, _FlowRule]]) -> None:
+        flags = _NLM_F_CREATE | _NLM_F_EXCL if kind == _RTM_NEWRULE else 0
+        harmless = errno.EEXIST if kind == _RTM_NEWRULE else errno.ENOENT
+        with self._netlink_lock:
+            failed = self._gw_rules().batch(kind, [_rule_body(f, r) for f, r in items], flags)
+        failed = [(i, err) for i, err in failed if err != harmless]
+        if failed:
+            verb = "add" if kind == _RTM_NEWRULE else "remove"
+            first = "; ".join(f"{items[i][0]}: {os.strerror(err)}" for i, err in failed[:3])
+            raise LabError(f"the gateway refused to {verb} {len(failed)} flow rules ({first})")
+
+    def _flow_list(self, flows: Iterable[FlowSwitch | Identity]) -> list[FlowSwitch]:
+        out = list(dict.fromkeys(FlowSwitch.of(f) for f in flows))
+        foreign = [f for f in out if f.service_ip not in (SERVICE_V4, SERVICE_V6)]
+        if foreign:
+            raise LabError(f"expected flows to the service address {SERVICE_V4} or "
+                           f"{SERVICE_V6}, got {', '.join(map(str, foreign[:3]))}")
+        return out
+
+    def switch_flows(self, flows: Iterable[FlowSwitch | Identity], to_host: str) -> int:
+        """The gateway sends these connections (and only these) to `to_host`.
+
+        One policy rule per connection (TCP, peer address and port, service address and port)
+        looks up `to_host`'s table, whose route sends the service address there; every other
+        connection and every new one keeps following the main route. `to_host` is given the
+        service address if it lacks it. A flow switched to another host before is moved: its
+        new rule is added before the old one is removed (at the other of the two priorities),
+        so no packet of it falls through to the main route meanwhile. Returns how many rules
+        were added (flows already at `to_host` need none). Kernel.ici Identity objects are
+        taken on the service's side (local = service, peer = peer)."""
+        if to_host not in SERVER_HOSTS or to_host not in self.hosts:
+            raise LabError(f"flows can only move to a server host, not {to_host!r}")
+        wanted = self._flow_list(flows)
+        t0 = time.monotonic()
+        if to_host not in self.service_holders:
+            self._hold_service(to_host)
+            self._save()
+        h, table = self.host(to_host), self.flow_table(to_host)
+        with self._netlink_lock:
+            with self._netlink("gw") as ipr:
+                ipr.route("replace", dst=SERVICE_V4 + "/32", gateway=h.v4, table=table)
+                ipr.route("replace", dst=SERVICE_V6 + "/128", gateway=h.v6,
+                          family=socket.AF_INET6, table=table)
+            current = self._flow_rules()
+            adds, removals = [], []
+            for flow in wanted:
+                old = current.get(flow)
+                if old is not None and old.table == table:
+                    continue
+                first, second = FLOW_RULE_PRIORITIES
+                priority = second if old is not None and old.priority == first else first
+                adds.append((flow, _FlowRule(table, priority)))
+                if old is not None:
+                    removals.append((flow, old))
+            self._flow_requests(_RTM_NEWRULE, adds)
+            self._flow_requests(_RTM_DELRULE, removals)
+        log.info("flows_switched", to=to_host, flows=len(adds), moved=len(removals),
+                 ms=round((time.monotonic() - t0) * 1000, 1))
+        return len(adds)
+
+    def unswitch_flows(self, flows: Iterable[FlowSwitch | Identity] | None = None
+                       ) -> list[FlowSwitch]:
+        """Remove these connections' rules (None: every flow rule): they follow the main route
+        again. Returns the flows that were switched."""
+        t0 = time.monotonic()
+        with self._netlink_lock:
+            current = self._flow_rules()
+            chosen = list(current) if flows is None else self._flow_list(flows)
+            removals = [(f, current[f]) for f in chosen if f in current]
+            self._flow_requests(_RTM_DELRULE, removals)
+        log.info("flows_unswitched", flows=len(removals),
+                 ms=round((time.monotonic() - t0) * 1000, 1))
+        return [f for f, _ in removals]
+
+    def switched_flows(self) -> dict[str, list[FlowSwitch]]:
+        """Every switched connection, by the host it is switched to (read from the gateway)."""
+        hosts = {self.flow_table(h): h for h in SERVER_HOSTS}
+        out: dict[str, list[FlowSwitch]] = {}
+        for flow, rule in self._flow_rules().items():
+            out.setdefault(hosts[rule.table], []).append(flow)
+        return {h: sorted(fs) for h, fs in sorted(out.items())}
+
+    def route_of(self, flow: FlowSwitch | Identity) -> str | None:
+        """The host the gateway forwards this connection's next packet from the peer to (the
+        kernel's own route lookup, rules included), or None when it is sent on-link (the
+        service address after `move_address`)."""
+        f = FlowSwitch.of(flow)
+        plen = 32 if f.family == 4 else 128
+        with self._netlink_lock:
+            with self._netlink("gw") as ipr:
+                iif = ipr.link_lookup(ifname="v-peer")[0]
+            query = (_RTMSG.pack(_af(f.family), plen, plen, 0, 0, 0, 0, 0, 0)
+                     + _nla(_RTA_DST, ipaddress.ip_address(f.service_ip).packed)
+                     + _nla(_RTA_SRC, ipaddress.ip_address(f.peer_ip).packed)
+                     + _nla(_RTA_IIF, struct.pack("=I", iif))
+                     + _nla(_RTA_IP_PROTO, bytes([socket.IPPROTO_TCP]))
+                     + _nla(_RTA_SPORT, struct.pack("!H", f.peer_port))
+                     + _nla(_RTA_DPORT, struct.pack("!H", f.service_port)))
+            answers = self._gw_rules().request(_RTM_GETROUTE, query)
+        for kind, body in answers:
+            gateway = _nla_walk(body, _RTMSG.size).get(_RTA_GATEWAY) if kind == _RTM_NEWROUTE \
+                else None
+            if gateway is not None:
+                address = str(ipaddress.ip_address(gateway))
+                for h in self.hosts.values():
+                    if address in (h.v4, h.v6):
+                        return h.name
+                raise LabError(f"the gateway routes {f} via {address}, which is no lab host")
+        return None
+
     # ---------------------------------------------------------------- registry
     def _save(self) -> None:
         os.makedirs(REGISTRY_DIR, exist_ok=True)
@@ -493,7 +868,14 @@ class Lab:
                         "mode": self.service_mode},
             "cut": sorted(p for p, r in self._rules.items() if r.cut),
             "partitions": {p: sorted(r.drop_dst) for p, r in self._rules.items() if r.drop_dst},
+            "switched_flows": self._switched_counts(),
         }
+
+    def _switched_counts(self) -> dict[str, int]:
+        try:
+            return {h: len(fs) for h, fs in self.switched_flows().items()}
+        except (OSError, LabError):  # the gateway is missing: status still answers
+            return {}
 
 
 def _registry_path(prefix: str) -> str:

@@ -5,7 +5,13 @@ its hosts and inject failures from the shell.
     tcpcp lab status [--json] [--reach]         hosts, addresses, service owner, failures
     tcpcp lab exec HOST -- CMD ARGS...          run a command inside a host
     tcpcp lab crash HOST | partition HOST OTHER... | heal | switch HOST [--address]
+    tcpcp lab switch-flow --to HOST FLOW...     move single connections (policy rules)
+    tcpcp lab unswitch-flow FLOW... | --all     send them back along the main route
+    tcpcp lab flows [--json]                    the connections switched, by host
     tcpcp lab down                              remove it (and its processes)
+
+A FLOW is PEER_IP:PORT>SERVICE_IP:PORT, IPv6 in brackets: 10.77.1.2:40000>10.77.9.1:8080 or
+'[fd77:1::2]:40000>[fd77:9::1]:8080' (quote it: > redirects in a shell).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sys
 from typing import Any
 
 from ops import netns
-from ops.lab import Lab, LabError, list_labs, remove_prefix, sweep_stale
+from ops.lab import FlowSwitch, Lab, LabError, list_labs, remove_prefix, sweep_stale
 
 DEFAULT_PREFIX = os.environ.get("TCPCP_LAB_PREFIX", "tcpcp-lab")
 
@@ -59,6 +65,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="move the address itself and announce it (gratuitous ARP / NA) "
                          "instead of switching the gateway route")
     sw.set_defaults(func=_switch)
+    sf = verbs.add_parser(
+        "switch-flow", help="move single connections to HOST by policy rules on the gateway",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Move single TCP connections of the service address to HOST, leaving every "
+                    "other one where it is.\n\n"
+                    "On the gateway, one policy rule per connection (TCP, peer address and port, "
+                    "service address\nand port) looks up HOST's own routing table, which sends "
+                    "the service address to HOST.\nEvery other connection, and every new one, "
+                    "keeps following the main route (`tcpcp lab switch`\nmoves that). A "
+                    "connection switched to another host before moves to HOST without a gap.\n"
+                    "HOST is given the service address if it lacks it.\n\n"
+                    "FLOW is PEER_IP:PORT>SERVICE_IP:PORT, IPv6 in brackets, quoted for the "
+                    "shell:\n  tcpcp lab switch-flow --to standby '10.77.1.2:40000>10.77.9.1:8080'"
+                    "\n  tcpcp lab switch-flow --to standby '[fd77:1::2]:40000>[fd77:9::1]:8080'")
+    sf.add_argument("--to", required=True, metavar="HOST",
+                    help="the server host that gets the connections (standby, origin, store...)")
+    sf.add_argument("flows", nargs="+", metavar="FLOW", help="PEER_IP:PORT>SERVICE_IP:PORT")
+    sf.set_defaults(func=_switch_flow)
+    uf = verbs.add_parser(
+        "unswitch-flow", help="remove connections' policy rules: back along the main route",
+        description="Remove the policy rules `switch-flow` added for these connections (or for "
+                    "every connection with --all): their packets follow the gateway's main route "
+                    "again.")
+    uf.add_argument("flows", nargs="*", metavar="FLOW", help="PEER_IP:PORT>SERVICE_IP:PORT")
+    uf.add_argument("--all", action="store_true", help="every switched connection")
+    uf.set_defaults(func=_unswitch_flow)
+    fl = verbs.add_parser("flows", help="the connections switched by switch-flow, by host")
+    fl.add_argument("--json", action="store_true", help="machine-readable output")
+    fl.set_defaults(func=_flows)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -99,6 +134,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  service {svc['v4']} {svc['v6']} -> {svc['owner']} (by {svc['mode']})")
     print(f"  cut: {', '.join(status['cut']) or 'none'}; partitions: "
           f"{status['partitions'] or 'none'}")
+    switched = status["switched_flows"]
+    print("  switched connections: " + (", ".join(f"{n} to {h}" for h, n in switched.items())
+                                        or "none"))
     if args.reach:
         from ops.demo import print_matrix
 
@@ -151,4 +189,49 @@ def _switch(args: argparse.Namespace) -> int:
     except LabError as exc:
         raise SystemExit(f"tcpcp lab switch: {exc}") from None
     print(f"service now served by {args.host}")
+    return 0
+
+
+def _parse_flows(verb: str, texts: list[str]) -> list[FlowSwitch]:
+    try:
+        return [FlowSwitch.parse(t) for t in texts]
+    except LabError as exc:
+        raise SystemExit(f"tcpcp lab {verb}: {exc}") from None
+
+
+def _switch_flow(args: argparse.Namespace) -> int:
+    flows = _parse_flows("switch-flow", args.flows)
+    try:
+        added = _attach(args).switch_flows(flows, args.to)
+    except LabError as exc:
+        raise SystemExit(f"tcpcp lab switch-flow: {exc}") from None
+    print(f"{len(flows)} connections switched to {args.to} ({added} rules added)")
+    return 0
+
+
+def _unswitch_flow(args: argparse.Namespace) -> int:
+    if bool(args.flows) == args.all:
+        raise SystemExit("tcpcp lab unswitch-flow: give connections or --all (not both)")
+    flows = None if args.all else _parse_flows("unswitch-flow", args.flows)
+    try:
+        removed = _attach(args).unswitch_flows(flows)
+    except LabError as exc:
+        raise SystemExit(f"tcpcp lab unswitch-flow: {exc}") from None
+    print(f"{len(removed)} connections back on the main route")
+    for flow in removed:
+        print(f"  {flow}")
+    return 0
+
+
+def _flows(args: argparse.Namespace) -> int:
+    switched = _attach(args).switched_flows()
+    if args.json:
+        print(json.dumps({h: [str(f) for f in fs] for h, fs in switched.items()}, indent=1))
+        return 0
+    for host, flows in switched.items():
+        print(f"{host}: {len(flows)}")
+        for flow in flows:
+            print(f"  {flow}")
+    if not switched:
+        print("no switched connections")
     return 0
