@@ -9,8 +9,8 @@ TCP_REPAIR_OPTIONS knows MSS, WINDOW, SACK_PERM and TIMESTAMP only (tcp_repair_o
 net/ipv4/tcp.c 3468-3516 in 6.12), connect() in repair mode returns before tcp_ecn_send_syn
 (tcp_connect, tcp_output.c 4151-4154 vs 4164), and TCP_ECN_OK is otherwise set only from a
 SYN, SYN-ACK or request socket (tcp_output.c 354, tcp_minisocks.c 455, tcp_input.c
-tcp_ecn_rcv_synack); IP_TOS masks the ECN bits of stream sockets. Measured on 6.18: a
-restored ECN flow reports no ECN in tcpi_options and sends Not-ECT. A restored flow without
+tcp_ecn_rcv_synack); IP_TOS masks the ECN bits of stream sockets. Measured on 6.18 (lab,
+tcp_ecn=1 on both ends): tcpi_options 0xf on origin, 0x7 on the restored socket. A flow without
 TCP_ECN_OK ignores the CE marks the peer's ECT packets collect (tcp_ecn_check_ce returns
 early) and never echoes ECE, so the peer stops reacting to congestion marks: that is a change
 for the network, not only for this connection. Hence RestorePolicy.ecn, default REFUSE

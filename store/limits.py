@@ -1,7 +1,9 @@
 """Size and count limits of the checkpoint store: what one record and one origin may hold.
 
 The same limits are checked when a record is encoded, when it is decoded, and by the Redis
-Function library on every put, so nothing grows without bound.
+Function library on every put, so nothing grows without bound. The ICI is the one owner of a
+connection's queue bytes; the record's own send_queue field (max_send_queue) is kept for the
+format's sake and is empty in checkpoints taken with kernel.repair.dump.
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ from store.errors import StoreConfigError
 
 KIB = 1024
 MIB = 1024 * KIB
+QUEUE = 8 * MIB
+"""kernel.sanity.RestorePolicy's default max_send_queue and max_recv_queue: the ICI carries
+both queues, so max_ici is what kernel.codec.max_encoded_size(QUEUE, QUEUE) gives (a unit test
+ties the two together; store/ does not import kernel/)."""
+ICI_FIXED = 256
+"""At least the ICI codec's fixed part (135 bytes for an IPv6 identity, version 2)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Upper bounds, in bytes unless said otherwise."""
 
-    max_ici: int = 16 * KIB
+    max_ici: int = 2 * QUEUE + ICI_FIXED
     max_app_state: int = 4 * MIB
     max_send_queue: int = 8 * MIB
     max_name: int = 255  # origin and connection names, UTF-8 bytes
-    max_record: int = 13 * MIB  # the whole encoded record
+    max_record: int = 2 * QUEUE + ICI_FIXED + 4 * MIB + 8 * MIB + 64 * KIB  # the whole record
     max_records_per_origin: int = 1_000_000
 
     def __post_init__(self) -> None:

@@ -17,7 +17,9 @@ network byte order, so a record restores on any architecture.
            8    outbound_produced  (application's outbound stream position)
            4+n  ICI bytes
            4+n  application state
-           4+n  send-queue bytes (not yet acknowledged by the peer)
+           4+n  send-queue bytes: empty when the ICI holds the queues (kernel.repair.dump's
+                ICIs always do: sent, unsent and received bytes), so no byte is stored twice;
+                kept for format 1 and for writers that keep the queue apart from the ICI
            32   HMAC-SHA256 over every byte before it, with key K (absent when K = 0)
 
 The origin and connection names are signed too: a record copied under another origin or

@@ -20,7 +20,7 @@ from store.errors import (
     RecordUnknownKey,
     RecordUnsigned,
 )
-from store.limits import Limits
+from store.limits import DEFAULT_LIMITS, Limits
 from store.record import MAGIC, Checkpoint, decode, encode, read_header
 from store.signing import MAC_BYTES, KeyRing
 
@@ -196,3 +196,15 @@ def test_read_path_fuzz_raises_nothing_but_record_errors(data: object) -> None:
         decode(data, KEYS, origin="origin-a")  # type: ignore[arg-type]
     with contextlib.suppress(RecordError):
         read_header(data)  # type: ignore[arg-type]
+
+
+def test_store_limits_hold_every_ici_the_default_restore_policy_accepts() -> None:
+    """The ICI carries both queues: max_ici must fit the largest one the policy lets through."""
+    from kernel.codec import max_encoded_size
+    from kernel.sanity import RestorePolicy
+
+    policy = RestorePolicy.serving("10.77.9.1")
+    largest = max_encoded_size(policy.max_send_queue, policy.max_recv_queue)
+    assert largest <= DEFAULT_LIMITS.max_ici < largest + 1024
+    assert DEFAULT_LIMITS.max_record >= (DEFAULT_LIMITS.max_ici + DEFAULT_LIMITS.max_app_state
+                                         + DEFAULT_LIMITS.max_send_queue)
