@@ -1,8 +1,8 @@
 """The kernel structures tcpcp's TCP_REPAIR calls exchange, declared once for cffi (ABI mode).
 
-Layouts from include/uapi/linux/tcp.h. tcp_info is declared only as far as tcpcp reads it;
-its wscale byte holds two 4-bit fields (snd in the low nibble on little-endian builds), kept as
-a plain byte here and split in kernel.repair.
+Layouts from include/uapi/linux/tcp.h. tcp_info is declared only as far as tcpcp reads it
+(through tcpi_total_retrans); its wscale byte holds two 4-bit fields (snd in the low nibble
+on little-endian builds), kept as a plain byte here and split in kernel.repair.
 """
 
 from __future__ import annotations
@@ -38,6 +38,26 @@ ffi.cdef(
         uint32_t tcpi_ato;
         uint32_t tcpi_snd_mss;
         uint32_t tcpi_rcv_mss;
+        uint32_t tcpi_unacked;
+        uint32_t tcpi_sacked;
+        uint32_t tcpi_lost;
+        uint32_t tcpi_retrans;
+        uint32_t tcpi_fackets;
+        uint32_t tcpi_last_data_sent;
+        uint32_t tcpi_last_ack_sent;
+        uint32_t tcpi_last_data_recv;
+        uint32_t tcpi_last_ack_recv;
+        uint32_t tcpi_pmtu;
+        uint32_t tcpi_rcv_ssthresh;
+        uint32_t tcpi_rtt;
+        uint32_t tcpi_rttvar;
+        uint32_t tcpi_snd_ssthresh;
+        uint32_t tcpi_snd_cwnd;
+        uint32_t tcpi_advmss;
+        uint32_t tcpi_reordering;
+        uint32_t tcpi_rcv_rtt;
+        uint32_t tcpi_rcv_space;
+        uint32_t tcpi_total_retrans;
     };
     """
 )

@@ -575,6 +575,11 @@ _PROGRESS = {
 it within a round trip)."""
 
 
+def tcp_info(sock: socket.socket) -> Any:
+    """The socket's struct tcp_info_prefix (kernel/_repair_cdef.py), an owned copy."""
+    return _struct(_INFO_P, sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
+
+
 def tcp_state(sock: socket.socket) -> TcpState:
     """The socket's TCP state (tcp_info)."""
     info = _struct(_INFO_P, sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))

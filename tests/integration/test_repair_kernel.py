@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import ipaddress
 import json
@@ -26,6 +27,7 @@ from kernel.isolation import Isolation, flow_of
 from kernel.sanity import IciRejected, RestorePolicy
 from ops import gatelab
 from ops.lab import Lab
+from ops.wait import wait_until
 
 pytestmark = pytest.mark.lab
 PORT = 8400
@@ -64,6 +66,13 @@ def connect(lab: Lab, family: int, port: int) -> tuple[socket.socket, socket.soc
     return peer, origin
 
 
+def queue_bytes(sock: socket.socket, ioctl: int) -> int:
+    """SIOCINQ/SIOCOUTQ/SIOCOUTQNSD of sock."""
+    buf = bytearray(4)
+    fcntl.ioctl(sock.fileno(), ioctl, buf)
+    return int(struct.unpack("i", buf)[0])
+
+
 def pcap_records(pcap: bytes) -> int:
     """Number of packets in a pcap capture."""
     pos, n = 24, 0
@@ -81,8 +90,7 @@ def ss_lines(lab: Lab, host: str, port: int) -> list[str]:
 
 def total_retrans(sock: socket.socket) -> int:
     """tcp_info's tcpi_total_retrans: segments this socket has retransmitted."""
-    return int(struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
-                                                        104), 100)[0])
+    return int(repair.tcp_info(sock).tcpi_total_retrans)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -98,7 +106,7 @@ def test_endpoint_dumped_on_origin_continues_on_standby_with_every_byte_once(
     origin.sendall(counting(down, 20_000))
     assert recv_exactly(peer, 20_000) == counting(0, 20_000)
     down += 20_000
-    time.sleep(0.05)
+    wait_until(lambda: repair.tcp_info(origin).tcpi_unacked == 0, 5, what="all acked")
     mss = origin.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     flow = flow_of(origin)
     with lab.enter("origin"):
@@ -164,7 +172,7 @@ def test_bytes_restored_as_sent_are_resent_in_full_sized_segments(on_origin: Lab
     lab.partition("origin", ["peer"])  # at the gateway: origin's kernel believes it sent
     try:
         origin.sendall(counting(0, 8 * mss))  # within the initial window: all of it "sent"
-        time.sleep(0.05)
+        wait_until(lambda: queue_bytes(origin, repair.SIOCOUTQNSD) == 0, 5, what="all sent")
         ici = repair.dump(origin, stay_in_repair=True)
         repair.discard(origin)
     finally:
@@ -372,7 +380,7 @@ def test_kept_socket_options_and_large_queues_survive_the_restore(on_origin: Lab
     origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 33)
     origin.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
     peer.sendall(counting(0, 100_000))  # unread: receive queue
-    time.sleep(0.1)
+    wait_until(lambda: queue_bytes(origin, repair.SIOCINQ) == 100_000, 5, what="queued")
     with lab.enter("origin"):
         isolation = Isolation(table="iso_big")
         isolation.add([flow_of(origin)])
@@ -427,7 +435,6 @@ def test_a_timestamp_clock_restored_behind_the_origin_is_dropped_by_the_peers_pa
     lab.switch_route("standby")
     sock = repair.activate(restored)
     sock.sendall(b"b" * 100)
-    time.sleep(0.5)
-    assert paws_estab(lab) > before
+    wait_until(lambda: paws_estab(lab) > before, 5, what="PAWS drop counted")
     repair.discard(sock)
     peer.close()
