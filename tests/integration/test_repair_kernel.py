@@ -438,3 +438,40 @@ def test_a_timestamp_clock_restored_behind_the_origin_is_dropped_by_the_peers_pa
     wait_until(lambda: paws_estab(lab) > before, 5, what="PAWS drop counted")
     repair.discard(sock)
     peer.close()
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_ten_passes_keep_the_buffer_locks_and_do_not_ratchet_the_sizes(on_origin: Lab,
+                                                                      locked: bool) -> None:
+    """Each pass restores the dumped sizes and SO_BUF_LOCK bits: autotuned buffers stay
+    autotuned (bits 0), application-fixed ones keep their size and bits."""
+    lab = on_origin
+    peer, sock = connect(lab, 4, PORT + 80 + locked)
+    if locked:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 200_000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 100_000)
+    first = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    policy = RestorePolicy.serving(lab.service(4))
+    down = 0
+    for _ in range(10):
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:  # bulk download: fill the send queue as far as the buffer lets us
+                down += sock.send(counting(down, 1 << 20))
+        sock.setblocking(True)
+        ici = repair.dump(sock, stay_in_repair=True)
+        repair.discard(sock)
+        with lab.enter("origin"):
+            sock = repair.activate(repair.restore(ici, policy))
+        assert sock.getsockopt(socket.SOL_SOCKET, repair.SO_BUF_LOCK) == (3 if locked else 0)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == ici.sockopts.sndbuf
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == ici.sockopts.rcvbuf
+    if locked:
+        assert (ici.sockopts.sndbuf, ici.sockopts.rcvbuf) == first
+    wmem_max = int(lab.sysctl_get("origin", "net.ipv4.tcp_wmem").split()[2])
+    assert ici.sockopts.sndbuf <= wmem_max, "the send buffer ratcheted past autotuning's cap"
+    got = recv_exactly(peer, down, timeout=30)
+    assert got == counting(0, down)
+    sock.close()
+    peer.close()
