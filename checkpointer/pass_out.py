@@ -178,9 +178,15 @@ def pass_out(
         state = advance(state, Step.ISOLATE)
         t["isolate"] = time.perf_counter()
         icis = []
-        for i, s in enumerate(socks):
-            fault(Step.DUMP, i)
-            icis.append(repair.dump(s, stay_in_repair=True))
+        try:
+            for i, s in enumerate(socks):
+                fault(Step.DUMP, i)
+                icis.append(repair.dump(s, stay_in_repair=True))
+        except BaseException:
+            for s in socks[: len(icis)]:  # the step's own partial work: out of repair mode
+                if why := _resume(s):
+                    plog.error("repair_off_failed", conn=_name(s), error=why)
+            raise
         state = advance(state, Step.DUMP)
         t["dump"] = time.perf_counter()
         env = Envelope(signer.sign_with, party.origin, party.destination, party.epoch,
@@ -337,3 +343,10 @@ def _finish(conns: Sequence[tuple[socket.socket, bytes]], flows: list[Identity],
               **{k: round(v) for k, v in timings.items()})
     kept = [c for c, e in zip(conns, ends, strict=True) if e.ending is Ending.RESUMED]
     return result, kept
+
+
+def _name(sock: socket.socket) -> str:
+    try:
+        return str(flow_of(sock))
+    except OSError:
+        return f"fd {sock.fileno()}"

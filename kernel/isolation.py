@@ -38,6 +38,10 @@ class FlowIsolation(Protocol):
     def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = (), *,
             fail_after: int | None = None) -> None: ...
 
+    def quarantine(self, flows: Sequence[Identity]) -> None:
+        """Drop the flows' ingress only (a destination's restored sockets until activation)."""
+        ...
+
     def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None: ...
 
     def generation_of(self, flow: Identity) -> int | None: ...
@@ -120,6 +124,10 @@ table inet {t} {{
             self._generation += 1
             self.flows.update(dict.fromkeys(new, self._generation))
 
+    def quarantine(self, flows: Sequence[Identity]) -> None:
+        """Both directions, here: a socket in repair mode has nothing to send anyway."""
+        self.add(flows)
+
     def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None:
         """Stop dropping these flows (with generation: only those isolated by that add)."""
         with self._lock:
@@ -162,8 +170,9 @@ class GateIsolation:
 
         self._stack = contextlib.ExitStack()
         self.gate = self._stack.enter_context(AckGate(ifname))
-        self.quarantine = self._stack.enter_context(Quarantine(ifname))
+        self.ingress = self._stack.enter_context(Quarantine(ifname))
         self.flows: dict[Identity, int] = {}
+        self._gated: set[Identity] = set()  # flows guarded and frozen, not only quarantined
         self._generation = 0
         self._lock = threading.Lock()
 
@@ -176,8 +185,10 @@ class GateIsolation:
     def _release(self, f: Identity) -> None:
         flow = self._flow(f)
         with contextlib.suppress(KernelError):
-            self.quarantine.release(flow)
-        self.gate.forget(flow)
+            self.ingress.release(flow)
+        if f in self._gated:
+            self._gated.discard(f)
+            self.gate.forget(flow)
 
     def add(self, flows: Sequence[Identity], socks: Sequence[socket.socket] = (), *,
             fail_after: int | None = None) -> None:
@@ -195,9 +206,10 @@ class GateIsolation:
                     rcv_nxt, wscale = repair.rcv_nxt_and_wscale(sock)
                     flow = self._flow(f)
                     done.append(f)  # from here a failure must release it
+                    self._gated.add(f)
                     self.gate.guard(flow, rcv_nxt, wscale)
                     self.gate.freeze(flow)
-                    self.quarantine.observe(flow)
+                    self.ingress.observe(flow)
                     self.flows[f] = self._generation
             except BaseException as exc:
                 for f in done:
@@ -209,6 +221,24 @@ class GateIsolation:
                 if isinstance(exc, KernelError | OSError):
                     raise IsolationError(f"isolating {len(flows)} flows failed after "
                                          f"{len(done)}, all released again: {exc}") from exc
+                raise
+
+    def quarantine(self, flows: Sequence[Identity]) -> None:
+        with self._lock:
+            self._generation += 1
+            done: list[Identity] = []
+            try:
+                for f in flows:
+                    if f in self.flows:
+                        continue
+                    done.append(f)
+                    self.ingress.observe(self._flow(f))
+                    self.flows[f] = self._generation
+            except BaseException:
+                for f in done:
+                    self.flows.pop(f, None)
+                    with contextlib.suppress(KernelError):
+                        self._release(f)
                 raise
 
     def remove(self, flows: Iterable[Identity], *, generation: int | None = None) -> None:

@@ -29,6 +29,7 @@ import structlog
 
 from kernel import channel, codec, repair, transfer
 from kernel.errors import KernelError
+from kernel.ici import Identity
 from kernel.isolation import FlowIsolation
 from kernel.sanity import RestorePolicy
 from kernel.transfer import Acceptance, Frame, Kind, Limits, Outcome, ReplayGuard, Signer
@@ -52,7 +53,7 @@ class Receiver:
                  limits: Limits | None = None, isolation: FlowIsolation | None = None,
                  accept_state: Callable[[bytes], object] | None = None,
                  ts_margin_ms: int = repair.DEFAULT_TS_MARGIN_MS,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, grace_s: float = 1.0) -> None:
         self.signer = signer
         self.policy = policy
         self.limits = limits or Limits.for_policy(policy)
@@ -60,6 +61,7 @@ class Receiver:
         self.accept_state = accept_state
         self.ts_margin_ms = ts_margin_ms
         self.timeout_s = timeout_s
+        self.grace_s = grace_s
         self._guard = ReplayGuard(acceptance)
         self._lock = threading.Lock()
 
@@ -68,7 +70,8 @@ class Receiver:
         """One pass on an accepted transfer connection; returns the live sockets with their
         application states ([] when aborted). TransferError when the batch itself is refused."""
         faults = faults or ReceiveFaults()
-        batch = channel.recv_frame(ctl, Kind.BATCH, self.signer, self.limits)
+        batch = channel.recv_frame(ctl, Kind.BATCH, self.signer, self.limits,
+                                   timeout_s=self.timeout_s)
         env = batch.envelope
         with self._lock:
             self._guard.check_batch(env, time.time_ns() // 1_000_000)
@@ -94,6 +97,17 @@ class Receiver:
                 refused.append((i, str(exc)))
                 rlog.warning("connection_refused", index=i, error=str(exc))
         try:
+            if self.isolation is not None and restored:
+                # from here the traffic may be switched: until activation no peer segment may
+                # reach a socket in repair mode (it would be acknowledged, and lost if the pass
+                # is undone), nor, once discarded, no socket at all (RST)
+                self.isolation.quarantine([r.ici.identity for _, r, _ in restored])
+        except KernelError as exc:
+            self._discard(restored)
+            rlog.error("quarantine_failed", error=str(exc), discarded=len(restored))
+            refused += [(i, f"quarantine failed: {exc}") for i, _, _ in restored]
+            restored = []
+        try:
             channel.send_frame(ctl, self._answer(Kind.REPORT, env, Outcome(
                 tuple(i for i, _, _ in restored), tuple(refused))), timeout_s=self.timeout_s)
             word = channel.recv_frame(ctl, (Kind.ACTIVATE, Kind.ABORT), self.signer,
@@ -109,8 +123,6 @@ class Receiver:
             return []
         live: list[tuple[socket.socket, bytes]] = []
         failed: list[tuple[int, str]] = []
-        if self.isolation is not None and restored:
-            self.isolation.remove(r.ici.identity for _, r, _ in restored)
         for i, r, state in restored:
             clog = rlog.bind(conn=str(r.ici.identity))
             try:
@@ -122,9 +134,11 @@ class Receiver:
                     repair.discard_restored(r)
                     failed.append((i, str(exc)))
                     clog.warning("activation_failed", error=str(exc))
-                else:  # out of repair mode: it is live here, whatever failed after
-                    live.append((r.sock, state))
-                    clog.error("activated_with_error", error=str(exc))
+                    continue
+                live.append((r.sock, state))  # out of repair mode: live here, whatever failed
+                clog.error("activated_with_error", error=str(exc))
+            self._unquarantine([r.ici.identity])
+        self._unquarantine_later([r.ici.identity for i, r, _ in restored if i in dict(failed)])
         if faults.step != "no_done":
             with contextlib.suppress(OSError, KernelError):
                 channel.send_frame(ctl, self._answer(Kind.DONE, env, Outcome(
@@ -144,7 +158,33 @@ class Receiver:
         return transfer.encode(Frame(kind, env.reply(time.time_ns() // 1_000_000),
                                      outcome=outcome), self.signer)
 
-    @staticmethod
-    def _discard(restored: list[tuple[int, repair.Restored, bytes]]) -> None:
+    def _discard(self, restored: list[tuple[int, repair.Restored, bytes]]) -> None:
+        """Close restored sockets silently; their quarantine stays for the grace period, so a
+        straggler of the flow meets no socket-less host (which would answer RST)."""
         for _, r, _ in restored:
             repair.discard_restored(r)
+        self._unquarantine_later([r.ici.identity for _, r, _ in restored])
+
+    def _unquarantine(self, flows: list[Identity]) -> None:
+        if self.isolation is not None and flows:
+            try:
+                self.isolation.remove(flows)
+            except KernelError as exc:
+                log.error("quarantine_not_lifted", error=str(exc), flows=len(flows))
+
+    def _unquarantine_later(self, flows: list[Identity]) -> None:
+        if self.isolation is None or not flows:
+            return
+        generations = {f: self.isolation.generation_of(f) for f in flows}
+        isolation = self.isolation
+
+        def lift() -> None:
+            for f, gen in generations.items():
+                try:
+                    isolation.remove([f], generation=gen)
+                except KernelError as exc:
+                    log.warning("quarantine_not_lifted", conn=str(f), error=str(exc))
+
+        timer = threading.Timer(self.grace_s, lift)
+        timer.daemon = True
+        timer.start()

@@ -2,8 +2,10 @@
 
 A peer that sends the counting stream (byte i is i mod 251) gets every byte echoed back; the
 server checks the stream it receives, so a byte lost or repeated in either direction shows.
-`GET /<size> HTTP/1.1` answers a body of <size> counting bytes (regenerable output: the state
-is the position in the response). One process per host:
+`GET /<size>[/<rate>] HTTP/1.1` answers a body of <size> counting bytes, paced to <rate> bytes
+per second if given (regenerable output: the state is the position in the response);
+`PUT /<name>` with a Content-Length takes an upload of the counting stream and answers
+"<bytes received> <stream errors>". One process per host:
 
     python -m ops.apps.demo_server --name origin --keys keys.json --accept-from standby \\
         --listen 10.77.9.1 --listen fd77:9::1 --port 8080 \\
@@ -16,7 +18,7 @@ thread, so a slow or hostile sender never holds the service loop. The control so
 mode 0600, clients checked by SO_PEERCRED against --allow-uid, one JSON object per line of at
 most 64 KiB) takes:
 
-    {"cmd": "status"}
+    {"cmd": "status"}       connections by kind, stream errors, buffers locked, refusals
     {"cmd": "pass", "to": "HOST:PORT", "to_name": "standby", "count": N}
 
 A pass answers {"event": "restored", "flows": [...]} once the destination holds the restored
@@ -69,6 +71,8 @@ CONTROL_TIMEOUT_S = 10.0
 MAX_CONTROL_CLIENTS = 8
 MAX_TRANSFERS = 4
 _UCRED = struct.Struct("3i")
+SO_BUF_LOCK = 72
+"""Linux >= 5.14: which socket buffer sizes the application fixed (autotuning off for them)."""
 
 
 class ControlError(ValueError):
@@ -98,7 +102,22 @@ def http_response(size: int, pos: int, n: int) -> bytes:
     return out + counting(body_from, end - len(head) - body_from) if end > len(head) else out
 
 
-_KINDS = ("new", "echo", "http")
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(value.strip())
+    return 0
+
+
+def upload_reply(received: int, errors: int) -> bytes:
+    """The answer to an upload: what arrived and how many reads broke the counting stream."""
+    body = f"{received} {errors}\n".encode()
+    return (f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode() + body
+
+
+_KINDS = ("new", "echo", "http", "upload")
 _MAX_INBUF = 8 << 10
 _MAX_PENDING = 4 << 20
 
@@ -107,13 +126,13 @@ _MAX_PENDING = 4 << 20
 class AppState:
     """What the application knows about one connection; travels with its ICI when passed."""
 
-    kind: str = "new"        # new | echo | http
+    kind: str = "new"        # new | echo | http | upload
     inbuf: bytes = b""       # request bytes not yet understood
-    in_offset: int = 0       # echo: stream bytes received and checked
+    in_offset: int = 0       # echo, upload: stream bytes received and checked
     pending: bytes = b""     # echo: received, not yet handed to the kernel
-    size: int = 0            # http: body size
+    size: int = 0            # http: body size; upload: Content-Length
     rate: int = 0            # http: bytes per second the server paces itself to (0: no pacing)
-    pos: int = 0             # http: response bytes handed to the kernel
+    pos: int = 0             # http, upload: response bytes handed to the kernel
     errors: int = 0          # inbound bytes that broke the counting stream
 
     def encode(self) -> bytes:
@@ -420,26 +439,37 @@ class DemoServer:
         st = conn.state
         if st.kind == "new":
             st.inbuf += data
-            if st.inbuf.startswith(b"GET "[: len(st.inbuf)]):
-                if b"\r\n\r\n" not in st.inbuf:
+            method = next((m for m in (b"GET ", b"PUT ") if st.inbuf.startswith(m[: len(
+                st.inbuf)])), None)
+            if method is not None:
+                head, sep, rest = st.inbuf.partition(b"\r\n\r\n")
+                if not sep:
                     if len(st.inbuf) > _MAX_INBUF:
                         raise OSError("request header too long")
                     return
-                target = st.inbuf.split(b" ", 2)[1].strip(b"/")
-                size, _, rate = target.partition(b"/")
-                st.kind, st.inbuf = "http", b""
-                st.size = int(size) if size.isdigit() else 0
-                st.rate = int(rate) if rate.isdigit() else 0
-                conn.paced_at = time.monotonic()
+                target = head.split(b" ", 2)[1].strip(b"/") if b" " in head else b""
+                st.inbuf = b""
                 self.served += 1
-                return
-            st.kind, data, st.inbuf = "echo", st.inbuf, b""
-        if st.kind == "echo":
+                if method == b"GET ":
+                    size, _, rate = target.partition(b"/")
+                    st.kind = "http"
+                    st.size = int(size) if size.isdigit() else 0
+                    st.rate = int(rate) if rate.isdigit() else 0
+                    conn.paced_at = time.monotonic()
+                    return
+                st.kind, st.size = "upload", _content_length(head)
+                data = rest
+            else:
+                st.kind, data, st.inbuf = "echo", st.inbuf, b""
+        if st.kind in ("echo", "upload"):
+            if st.kind == "upload":
+                data = data[: max(0, st.size - st.in_offset)]
             if data != counting(st.in_offset, len(data)):
                 st.errors += 1
                 log.error("stream_broken", conn=_name(conn.sock), at=st.in_offset, n=len(data))
             st.in_offset += len(data)
-            st.pending += data
+            if st.kind == "echo":
+                st.pending += data
 
     def _flush(self, conn: Conn) -> None:
         st, sock = conn.state, conn.sock
@@ -447,6 +477,13 @@ class DemoServer:
             if st.kind == "echo":
                 while st.pending:
                     st.pending = st.pending[sock.send(st.pending):]
+            elif st.kind == "upload" and st.in_offset >= st.size:
+                reply = upload_reply(st.in_offset, st.errors)
+                while st.pos < len(reply):
+                    st.pos += sock.send(reply[st.pos:])
+                if not conn.closing:
+                    conn.closing = True
+                    sock.shutdown(socket.SHUT_WR)
             elif st.kind == "http":
                 total = len(http_header(st.size)) + st.size
                 budget = total
@@ -461,7 +498,8 @@ class DemoServer:
                     conn.closing = True
                     sock.shutdown(socket.SHUT_WR)
         want = selectors.EVENT_READ
-        if st.pending or (st.kind == "http" and not conn.closing and not st.rate):
+        if st.pending or (st.kind == "http" and not conn.closing and not st.rate) or (
+                st.kind == "upload" and st.in_offset >= st.size and not conn.closing):
             want |= selectors.EVENT_WRITE
         self.sel.modify(sock, want, self._io)
 
@@ -599,11 +637,15 @@ class DemoServer:
 
     def _status(self) -> dict[str, object]:
         kinds: dict[str, int] = {}
+        locked = 0
         for c in self.conns.values():
             kinds[c.state.kind] = kinds.get(c.state.kind, 0) + 1
+            with contextlib.suppress(OSError):
+                locked += bool(c.sock.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK))
         return {"event": "status", "conns": len(self.conns), "kinds": kinds,
                 "errors": self.errors_closed + sum(c.state.errors for c in self.conns.values()),
-                "served": self.served, "refused_requests": self.refused_requests,
+                "served": self.served, "buffers_locked": locked,
+                "refused_requests": self.refused_requests,
                 "transfers_refused": self.transfers_refused}
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
@@ -757,6 +799,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--isolation", choices=("gate", "nft"), default="gate",
                    help="how passed flows are isolated: the ACK gate's freeze plus the ingress "
                    "quarantine on eth0 (default), or nftables drops (no BPF needed)")
+    p.add_argument("--transfer-timeout", type=float, default=10.0,
+                   help="seconds a sender has for each frame of a pass (plus 1 s per MiB)")
     p.add_argument("--allow-faults", action="store_true",
                    help="accept fault-injection requests on the control socket (tests only)")
     return p
@@ -772,7 +816,8 @@ def main(args: argparse.Namespace) -> int:
     receiver = None
     if args.accept_from:
         receiver = Receiver(Acceptance(args.name, frozenset(args.accept_from)), keyring, policy,
-                            isolation=isolation, accept_state=AppState.decode)
+                            isolation=isolation, accept_state=AppState.decode,
+                            timeout_s=args.transfer_timeout)
     server = DemoServer(args.listen, args.port, args.control, name=args.name, keyring=keyring,
                         receiver=receiver, receive_on=args.receive_on, isolation=isolation,
                         epoch=args.epoch, allow_uids=args.allow_uid,
