@@ -6,6 +6,8 @@ peer never sees a RST (capture in the peer's namespace)."""
 from __future__ import annotations
 
 import contextlib
+import pathlib
+import signal
 import socket
 import struct
 import subprocess
@@ -258,3 +260,94 @@ def test_half_closed_connection_continues_on_standby_in_its_state_with_eof_and_n
     flags = tcp_flags(pcap[0])
     assert flags, "the capture saw the connection"
     assert not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
+
+
+@pytest.mark.parametrize("fin_acked", [False, True])
+def test_curl_download_whose_server_already_sent_its_fin_completes_from_standby(
+    on_origin: Lab, tmp_path: pathlib.Path, fin_acked: bool,
+) -> None:
+    """The server wrote the whole response and shut down: either curl's kernel took all of it
+    and acked the FIN (FIN_WAIT2, curl stopped before reading it) or none of it got through yet
+    (FIN_WAIT1, the FIN queued behind unsent bytes); the connection moves to standby; curl gets
+    every byte and the end of the stream, and exits 0."""
+    lab = on_origin
+    port = PORT + 90 + fin_acked
+    body = counting(0, 40_000 if fin_acked else 3 << 20)  # within curl's first window, or not
+    with lab.enter("origin"):
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((lab.service(4), port))
+        ls.listen()
+    out = tmp_path / "body"
+    with peer_capture(lab, port) as pcap:
+        curl = lab.popen("peer", ["curl", "-sS", "--limit-rate", "1M", "-o", str(out),
+                                  f"http://{lab.service(4)}:{port}/file"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ls.settimeout(10)
+        server, _ = ls.accept()
+        ls.close()
+        server.setsockopt(socket.SOL_SOCKET, repair.SO_SNDBUFFORCE, 8 << 20)  # all queued
+        request = b""
+        while not request.endswith(b"\r\n\r\n"):
+            request += server.recv(4096)
+        assert request.startswith(b"GET /file HTTP/1.1\r\n")
+        if fin_acked:
+            curl.send_signal(signal.SIGSTOP)  # its kernel still takes the response and FIN
+        else:
+            cut_origin_to_peer(lab)
+        server.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                       % len(body) + body)
+        server.shutdown(socket.SHUT_WR)
+        want = TcpState.FIN_WAIT2 if fin_acked else TcpState.FIN_WAIT1
+        wait_until(lambda: state_of(server) is want, 10, what=f"server in {want.name}")
+        cut_origin_to_peer(lab)
+        ici = repair.dump(server, stay_in_repair=True)
+        repair.discard(server)
+        assert ici.state is want and ici.fin_sent is fin_acked
+        assert bool(ici.unsent) is not fin_acked
+        with lab.enter("standby"):
+            restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        lab.switch_route("standby")
+        lab.heal()
+        sock = repair.activate(restored)
+        curl.send_signal(signal.SIGCONT)
+        _, err = curl.communicate(timeout=30)
+        assert curl.returncode == 0, err
+        assert out.read_bytes() == body
+        assert_eof(sock)  # curl closed after the end of the response
+        wait_until(lambda: state_of(sock) is TcpState.CLOSE, 10, what="restored socket closed")
+        sock.close()
+    flags = tcp_flags(pcap[0])
+    assert flags and not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
+
+
+def test_request_half_closed_by_the_client_is_answered_from_standby(on_origin: Lab) -> None:
+    """The client sent its request and shut down writing (origin in CLOSE_WAIT, the request
+    unread); on standby the server reads the request, then EOF, and answers; the client reads
+    the whole answer and EOF."""
+    lab = on_origin
+    peer, origin = connect(lab, 4, PORT + 91)
+    request = b"GET /half-closed HTTP/1.0\r\n\r\n"
+    peer.sendall(request)
+    peer.shutdown(socket.SHUT_WR)
+    wait_until(lambda: state_of(origin) is TcpState.CLOSE_WAIT, 5, what="origin in CLOSE_WAIT")
+    with peer_capture(lab, PORT + 91) as pcap:
+        cut_origin_to_peer(lab)
+        ici = repair.dump(origin, stay_in_repair=True)
+        repair.discard(origin)
+        assert ici.received == request
+        with lab.enter("standby"):
+            restored = repair.restore(ici, RestorePolicy.serving(lab.service(4)))
+        lab.switch_route("standby")
+        lab.heal()
+        sock = repair.activate(restored)
+        assert recv_exactly(sock, len(request)) == request
+        assert_eof(sock)
+        answer = b"HTTP/1.0 200 OK\r\n\r\n" + counting(0, 200_000)
+        sock.sendall(answer)
+        sock.close()
+        assert recv_exactly(peer, len(answer)) == answer
+        assert_eof(peer)
+        peer.close()
+    flags = tcp_flags(pcap[0])
+    assert flags and not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
