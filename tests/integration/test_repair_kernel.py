@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernel import codec, repair
+from kernel import codec, repair, sanity
 from kernel.ici import Ici
 from kernel.isolation import Isolation, flow_of
 from kernel.sanity import IciRejected, RestorePolicy
@@ -475,3 +475,94 @@ def test_ten_passes_keep_the_buffer_locks_and_do_not_ratchet_the_sizes(on_origin
     assert got == counting(0, down)
     sock.close()
     peer.close()
+
+
+def test_restored_autotuned_buffers_keep_growing_with_bulk_traffic(on_origin: Lab) -> None:
+    """Restore leaves SO_BUF_LOCK at the dumped 0: the send buffer goes on tracking autotuning
+    (it grows under bulk traffic) instead of staying pinned at the restored size."""
+    lab = on_origin
+    peer, sock = connect(lab, 4, PORT + 85)
+    ici = repair.dump(sock, stay_in_repair=True)
+    repair.discard(sock)
+    with lab.enter("origin"):
+        sock = repair.activate(repair.restore(ici, RestorePolicy.serving(lab.service(4))))
+    restored_size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert restored_size == ici.sockopts.sndbuf
+    total = 32 << 20
+    reader = threading.Thread(target=recv_exactly, args=(peer, total), kwargs={"timeout": 30})
+    reader.start()
+    sock.sendall(counting(0, total))
+    reader.join()
+    assert sock.getsockopt(socket.SOL_SOCKET, repair.SO_BUF_LOCK) == 0
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > restored_size
+    sock.close()
+    peer.close()
+
+
+def test_an_ecn_flow_is_refused_by_default_and_continues_without_ecn_when_downgraded(
+    on_origin: Lab,
+) -> None:
+    """No stock kernel restores TCP_ECN_OK (kernel/sanity.py): the default policy refuses the
+    flow before any socket exists; DOWNGRADE restores it and its segments leave Not-ECT
+    (control: the same flow's segments from origin carried ECT(0))."""
+    lab = on_origin
+    port = PORT + 87
+    for host in ("peer", "origin", "standby"):
+        lab.sysctl(host, "net.ipv4.tcp_ecn", 1)
+    try:
+        peer, origin = connect(lab, 4, port)
+        assert repair.tcp_info(origin).tcpi_options & 8, "the lab flow negotiated ECN"
+        with ecn_capture(lab, port) as before:
+            origin.sendall(counting(0, 50_000))
+            assert recv_exactly(peer, 50_000) == counting(0, 50_000)
+        ici = repair.dump(origin, stay_in_repair=True)
+        repair.discard(origin)
+        policy = RestorePolicy.serving(lab.service(4))
+        with lab.enter("standby"), sockets_created() as made, pytest.raises(
+                IciRejected, match="ecn: expected a flow without ECN"):
+            repair.restore(ici, policy)
+        assert made == []
+        with ecn_capture(lab, port) as after:
+            with lab.enter("standby"):
+                restored = repair.restore(ici, dataclasses.replace(policy,
+                                                                   ecn=sanity.Ecn.DOWNGRADE))
+            lab.switch_route("standby")
+            sock = repair.activate(restored)
+            assert not repair.tcp_info(sock).tcpi_options & 8
+            sock.sendall(counting(50_000, 50_000))
+            assert recv_exactly(peer, 50_000) == counting(50_000, 50_000)
+        assert 2 in before, f"ECN field of the flow on origin: {before}"
+        assert after and set(after) == {0}, f"ECN field of the restored flow: {after}"
+        sock.close()
+        peer.close()
+    finally:
+        for host in ("peer", "origin", "standby"):
+            lab.sysctl(host, "net.ipv4.tcp_ecn", 2)
+
+
+@contextlib.contextmanager
+def ecn_capture(lab: Lab, port: int) -> Iterator[list[int]]:
+    """The ECN field of every IPv4 packet from port the peer receives in the block."""
+    cap = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s",
+                             "96", "-w", "-", f"tcp src port {port}"],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert cap.stderr is not None
+    cap.stderr.readline()  # "listening on eth0 ..."
+    bits: list[int] = []
+    try:
+        yield bits
+    finally:
+        cap.terminate()
+        bits.extend(ip_ecn_bits(cap.communicate(timeout=5)[0]))
+
+
+def ip_ecn_bits(pcap: bytes) -> list[int]:
+    """The ECN field of every IPv4 packet in an Ethernet pcap capture."""
+    pos, bits = 24, []
+    while pos + 16 <= len(pcap):
+        incl = struct.unpack_from("<I", pcap, pos + 8)[0]
+        frame = pcap[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        if struct.unpack_from("!H", frame, 12)[0] == 0x0800:
+            bits.append(frame[15] & 3)
+    return bits
