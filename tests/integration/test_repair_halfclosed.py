@@ -9,7 +9,6 @@ import contextlib
 import pathlib
 import signal
 import socket
-import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from kernel import repair
 from kernel.ici import Ici, TcpState
 from kernel.sanity import RestorePolicy
 from ops import gatelab
+from ops.capture import Capture
 from ops.lab import Lab, _PortRules
 from ops.wait import wait_until
 
@@ -88,35 +88,15 @@ def state_of(sock: socket.socket) -> TcpState:
     return repair.tcp_state(sock)
 
 
-@contextlib.contextmanager
-def peer_capture(lab: Lab, port: int) -> Iterator[list[bytes]]:
-    """tcpdump in the peer's namespace; the pcap bytes are appended on exit."""
-    cap = lab.popen("peer", ["tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "96",
-                             "-w", "-", f"tcp port {port}"], stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
-    assert cap.stderr is not None
-    cap.stderr.readline()  # "listening on eth0 ..."
-    out: list[bytes] = []
-    try:
-        yield out
-    finally:
-        cap.terminate()
-        out.append(cap.communicate(timeout=5)[0])
+def peer_capture(lab: Lab, port: int) -> Capture:
+    """Every segment of the connection as the peer's interface sees it."""
+    return Capture.in_lab(lab, "peer", "eth0", f"tcp port {port}")
 
 
-def tcp_flags(pcap: bytes) -> list[int]:
-    """TCP flags of every IPv4 or IPv6 TCP segment in an Ethernet pcap capture."""
-    pos, flags = 24, []
-    while pos + 16 <= len(pcap):
-        incl = struct.unpack_from("<I", pcap, pos + 8)[0]
-        frame = pcap[pos + 16 : pos + 16 + incl]
-        pos += 16 + incl
-        ethertype = struct.unpack_from("!H", frame, 12)[0]
-        if ethertype == 0x0800 and frame[23] == 6:
-            flags.append(frame[14 + (frame[14] & 0x0F) * 4 + 13])
-        elif ethertype == 0x86DD and frame[20] == 6:
-            flags.append(frame[14 + 40 + 13])
-    return flags
+def assert_no_reset(cap: Capture) -> None:
+    segments = cap.segments()
+    assert segments, "the capture saw the connection"
+    assert not [s for s in segments if s.flags & 0x04], "the peer saw or sent a RST"
 
 
 @dataclass
@@ -222,7 +202,7 @@ def test_half_closed_connection_continues_on_standby_in_its_state_with_eof_and_n
     assert ici.received == counting(0, case.to_origin)
     if name == "fin_wait1_unsent":
         assert ici.unsent, "the peer's closed window left nothing unsent"
-    with peer_capture(lab, port) as pcap:
+    with peer_capture(lab, port) as cap:
         with lab.enter("standby"):
             restored = repair.restore(ici, RestorePolicy.serving(lab.service(family)))
         lab.switch_route("standby")
@@ -257,9 +237,7 @@ def test_half_closed_connection_continues_on_standby_in_its_state_with_eof_and_n
         wait_until(lambda: state_of(sock) is TcpState.CLOSE, 10, what="restored socket closed")
         peer.close()
     sock.close()
-    flags = tcp_flags(pcap[0])
-    assert flags, "the capture saw the connection"
-    assert not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
+    assert_no_reset(cap)
 
 
 @pytest.mark.parametrize("fin_acked", [False, True])
@@ -279,7 +257,7 @@ def test_curl_download_whose_server_already_sent_its_fin_completes_from_standby(
         ls.bind((lab.service(4), port))
         ls.listen()
     out = tmp_path / "body"
-    with peer_capture(lab, port) as pcap:
+    with peer_capture(lab, port) as cap:
         curl = lab.popen("peer", ["curl", "-sS", "--limit-rate", "1M", "-o", str(out),
                                   f"http://{lab.service(4)}:{port}/file"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -317,8 +295,7 @@ def test_curl_download_whose_server_already_sent_its_fin_completes_from_standby(
         assert_eof(sock)  # curl closed after the end of the response
         wait_until(lambda: state_of(sock) is TcpState.CLOSE, 10, what="restored socket closed")
         sock.close()
-    flags = tcp_flags(pcap[0])
-    assert flags and not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
+    assert_no_reset(cap)
 
 
 def test_request_half_closed_by_the_client_is_answered_from_standby(on_origin: Lab) -> None:
@@ -331,7 +308,7 @@ def test_request_half_closed_by_the_client_is_answered_from_standby(on_origin: L
     peer.sendall(request)
     peer.shutdown(socket.SHUT_WR)
     wait_until(lambda: state_of(origin) is TcpState.CLOSE_WAIT, 5, what="origin in CLOSE_WAIT")
-    with peer_capture(lab, PORT + 91) as pcap:
+    with peer_capture(lab, PORT + 91) as cap:
         cut_origin_to_peer(lab)
         ici = repair.dump(origin, stay_in_repair=True)
         repair.discard(origin)
@@ -349,5 +326,4 @@ def test_request_half_closed_by_the_client_is_answered_from_standby(on_origin: L
         assert recv_exactly(peer, len(answer)) == answer
         assert_eof(peer)
         peer.close()
-    flags = tcp_flags(pcap[0])
-    assert flags and not [f for f in flags if f & 0x04], "the peer saw or sent a RST"
+    assert_no_reset(cap)
