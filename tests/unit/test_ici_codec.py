@@ -205,3 +205,30 @@ def test_clock_value_sets_the_mode_bit_without_going_backwards(tsval: int, usec:
     value = clock_value(tsval, usec)
     assert value & 1 == int(usec)
     assert (value - tsval) % 2**32 in (0, 1)
+
+
+@given(icis, st.sampled_from([0x10, 0x11]), u32, u32)
+def test_a_replayed_peer_segment_is_a_valid_tcp_segment_from_the_peer(
+    ici: Ici, flags: int, seq: int, ack: int,
+) -> None:
+    """kernel.repair replays the peer's FIN or ACK as the segment the peer sent: addresses and
+    ports swapped, the peer's window in its own scale, a correct checksum (loopback would not
+    check it, a capture or another path would)."""
+    from kernel.repair import _segment
+    from ops.capture import tcp_checksum_ok
+
+    _, packet, dst = _segment(ici, flags, seq, ack)
+    ident = ici.identity
+    assert dst == str(ident.local_ip)
+    ip_len = 20 if ident.family is Family.IPV4 else 40
+    src_at, dst_at = (12, 16) if ident.family is Family.IPV4 else (8, 24)
+    alen = ident.family.addr_len
+    assert packet[src_at : src_at + alen] == ident.peer_addr
+    assert packet[dst_at : dst_at + alen] == ident.local_addr
+    tcp = packet[ip_len:]
+    sport, dport, s, a, off, fl, win = struct.unpack_from("!HHIIBBH", tcp)
+    assert (sport, dport, s, a, off >> 4, fl) == (ident.peer_port, ident.local_port, seq, ack,
+                                                  5, flags)
+    scale = ici.params.snd_wscale
+    assert win == min(0xFFFF, -(-ici.window.snd_wnd >> scale))
+    assert tcp_checksum_ok(ident.peer_addr, ident.local_addr, tcp)
