@@ -552,8 +552,11 @@ def activate(restored: Restored, *, window_probe: bool = True) -> socket.socket:
         step = "TCP_REPAIR off"
         sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF if window_probe else REPAIR_OFF_NO_WP)
         if ici.unsent:
-            step = "send unsent bytes"
-            sock.sendall(ici.unsent)
+            step = "send unsent bytes"  # never blocks: the buffer grows to hold them, as the
+            sock.setblocking(False)     # origin's did, and goes back to the dumped lock bits
+            _write_queue(sock, ici.unsent, recv=False)
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, ici.sockopts.buf_lock)
         if ici.our_fin and not ici.fin_sent:
             step = "our FIN (unsent)"
             sock.shutdown(socket.SHUT_WR)  # after the unsent bytes, on the wire at once
