@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from kernel.netns import entered
 from ops import netns, tcpoptions
@@ -343,7 +343,7 @@ class Capture:
         return cls(lab.netns(host), interface, bpf_filter, **kwargs)  # type: ignore[arg-type]
 
     # -- running
-    def start(self, timeout: float = 10.0) -> Capture:
+    def start(self, timeout: float = 10.0) -> Self:
         argv = self.argv if self.ns is None else netns.command(self.ns, self.argv)
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
@@ -474,7 +474,7 @@ class Capture:
             self._proc.kill()
             self._proc.wait()
 
-    def __enter__(self) -> Capture:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

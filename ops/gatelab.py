@@ -1,7 +1,6 @@
 """Lab helpers for the ACK-gate tests and benchmarks (ops/bench/gateloss.py): a gated receiver
-that commits by a CommitPolicy, an uploader run in the peer, a capture taken on the gateway
-(outside the origin), a reader for the capture and a lossy link (a gateway program dropping
-random data segments)."""
+that commits by a CommitPolicy, an uploader run in the peer, the peer's TCP counters and a lossy
+link (a gateway program dropping random data segments). Captures: ops/capture.py."""
 
 from __future__ import annotations
 
@@ -11,8 +10,6 @@ import hashlib
 import os
 import select
 import socket
-import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +33,7 @@ from kernel.ici import TcpOption
 from kernel.patch_gate import Backend
 from kernel.tcfilter import Direction, TcHook, TcTarget
 from ops import labfilter
+from ops.capture import Capture, read_pcap_file
 from ops.lab import Lab
 from ops.labfilter import Insn
 
@@ -192,6 +190,15 @@ def read_gated(conn: socket.socket, base: int, gate: Gate | None,
     return out
 
 
+def observe_for(seconds: float) -> None:
+    """Let `seconds` pass while something must NOT happen (no ACK leaves, no byte moves, no
+    packet crosses). The absence of an event is no condition one can wait for, so this window is
+    fixed; it is sized from the timer that would make the event happen if the bug existed (the
+    delayed-ACK timer, a retransmission). Callers read their counters and captures at both ends
+    of this same window."""
+    time.sleep(seconds)
+
+
 def recv_exactly(sock: socket.socket, n: int, timeout: float | None = None) -> bytes:
     """Read exactly n bytes (timeout, when given, is set on sock first); EOFError naming how
     many came when the stream ends before."""
@@ -225,86 +232,44 @@ def expected_sha256(total: int) -> str:
 
 
 # ---------------------------------------------------------------------- capture
+# Captures are ops.capture.Capture (e.g. Capture.in_lab(lab, "gw", "p-origin", filter,
+# snaplen=200)). What follows keeps ops/bench/ackgate.py working until it moves there too.
+
+
 @dataclass(frozen=True, slots=True)
 class Captured:
-    """One TCP segment from a capture (sequence fields host order, options raw)."""
+    """Deprecated: ops.capture.Segment (whose time is `at`). (time, sport, ack, flags) only."""
 
     time: float
-    src: str
-    dst: str
     sport: int
     dport: int
-    seq: int
     ack: int
     flags: int
-    window: int
-    options: bytes
-    payload_len: int
 
 
-def start_capture(netns_cmd: list[str], iface: str, path: Path, bpf_filter: str
-                  ) -> subprocess.Popen[bytes]:
-    """tcpdump (headers only) started through netns_cmd (e.g. nsenter into the gateway)."""
-    # --immediate-mode: without it packets still in the ring block are lost when tcpdump stops
-    proc = subprocess.Popen([*netns_cmd, "tcpdump", "-i", iface, "-s", "200", "-U", "-n",
-                             "--immediate-mode", "--time-stamp-precision=micro", "-w", str(path),
-                             bpf_filter], stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()  # "listening on ..." once the capture runs
-    assert b"listening" in line, line
-    return proc
+def gateway_capture(lab: Lab, bpf_filter: str, interface: str = "p-origin",
+                    path: Path | None = None) -> Capture:
+    """A capture on the gateway (outside the origin), headers only (200 bytes a frame: a 50 MB
+    upload stays cheap to read), not yet started."""
+    return Capture.in_lab(lab, "gw", interface, bpf_filter, snaplen=200, path=path)
 
 
-def stop_capture(proc: subprocess.Popen[bytes]) -> None:
-    time.sleep(0.5)
-    proc.terminate()
-    _, err = proc.communicate(timeout=10)
-    assert b" captured" in err, err
+def start_capture(netns_cmd: list[str], iface: str, path: Path, bpf_filter: str) -> Capture:
+    """Deprecated: Capture(ns, iface, bpf_filter, snaplen=200, path=path).start()."""
+    ns = next((a.split("=", 1)[1] for a in netns_cmd if a.startswith("--net=")), None)
+    name = None if ns is None else os.path.basename(ns)
+    return Capture(name, iface, bpf_filter, snaplen=200, path=path).start()
+
+
+def stop_capture(cap: Capture) -> None:
+    """Deprecated: Capture.stop()."""
+    cap.stop()
 
 
 def read_pcap(path: Path) -> Iterator[Captured]:
-    """TCP segments of an Ethernet pcap (IPv4 and IPv6 without extension headers)."""
-    data = path.read_bytes()
-    magic = struct.unpack_from("<I", data, 0)[0]
-    assert magic == 0xA1B2C3D4, f"expected a microsecond little-endian pcap, got {magic:#x}"
-    off = 24
-    while off + 16 <= len(data):
-        sec, usec, caplen, _ = struct.unpack_from("<IIII", data, off)
-        pkt = data[off + 16:off + 16 + caplen]
-        off += 16 + caplen
-        ethertype = struct.unpack_from("!H", pkt, 12)[0]
-        if ethertype == 0x0800:
-            ihl = (pkt[14] & 0xF) * 4
-            if pkt[23] != 6:
-                continue
-            total = struct.unpack_from("!H", pkt, 16)[0]
-            src = socket.inet_ntop(socket.AF_INET, pkt[26:30])
-            dst = socket.inet_ntop(socket.AF_INET, pkt[30:34])
-            l4, ip_end = 14 + ihl, 14 + total
-        elif ethertype == 0x86DD:
-            if pkt[20] != 6:
-                continue
-            plen = struct.unpack_from("!H", pkt, 18)[0]
-            src = socket.inet_ntop(socket.AF_INET6, pkt[22:38])
-            dst = socket.inet_ntop(socket.AF_INET6, pkt[38:54])
-            l4, ip_end = 54, 54 + plen
-        else:
-            continue
-        sport, dport, seq, ack, doff, flags, window = struct.unpack_from("!HHIIBBH", pkt, l4)
-        hlen = (doff >> 4) * 4
-        yield Captured(sec + usec / 1e6, src, dst, sport, dport, seq, ack, flags, window,
-                       pkt[l4 + 20:l4 + hlen], ip_end - l4 - hlen)
-
-
-def read_pcap_frames(path: Path) -> Iterator[tuple[float, bytes, bool]]:
-    """(time, Ethernet frame, complete) for every frame of a microsecond pcap; complete: the
-    whole frame was captured (its checksum can be verified)."""
-    data = path.read_bytes()
-    off = 24
-    while off + 16 <= len(data):
-        sec, usec, caplen, length = struct.unpack_from("<IIII", data, off)
-        yield sec + usec / 1e6, data[off + 16:off + 16 + caplen], caplen == length
-        off += 16 + caplen
+    """Deprecated: ops.capture.read_pcap_file (or Capture.segments())."""
+    for s in read_pcap_file(path):
+        yield Captured(s.at, s.sport, s.dport, s.ack, s.flags)
 
 
 def nstat(lab_run: object, host: str, counter: str) -> int:

@@ -1,10 +1,9 @@
 """What the guest tests and the guest benchmark need around a TCP connection: two network
-namespaces joined by a veth pair at MTU 1500, sockets made inside them, an AF_PACKET capture of
-the segments on the peer's side of the wire, and a raw injector for segments the peer's stack
-would never send.
+namespaces joined by a veth pair at MTU 1500, sockets made inside them, and a raw injector for
+segments the peer's stack would never send. Captures are ops.capture.Capture:
 
     with VethPair() as pair:
-        with Capture(pair.peer_ns, "eth0") as cap:
+        with Capture(pair.peer_ns, "eth0", "tcp") as cap:
             server, client = pair.connect(6, guard_listen=True)
             ...
             cap.segments(src=pair.origin_addr(6))
@@ -13,15 +12,14 @@ would never send.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import itertools
 import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -29,62 +27,15 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 
 from kernel import patch_gate
-from ops import netns, tcpoptions
+from ops import netns
+from ops.kernel import structs
+from ops.wait import wait_until
 
 T = TypeVar("T")
-ETH_P_ALL = 0x0003
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _names = itertools.count()
 
 ADDRS = {4: ("10.99.0.10", "10.99.0.2", 24), 6: ("fd99::10", "fd99::2", 64)}
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One TCP segment seen on the wire (host byte order; SACK blocks as (start, end))."""
-
-    at: float
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    window: int
-    payload_len: int
-    wscale: int | None
-    sack: tuple[tuple[int, int], ...]
-
-    @property
-    def is_ack(self) -> bool:
-        return bool(self.flags & TCP_ACK)
-
-
-def parse_frame(frame: bytes, at: float) -> Segment | None:
-    """The TCP segment in an Ethernet frame, or None for anything else."""
-    ethertype = struct.unpack("!H", frame[12:14])[0]
-    ip = frame[14:]
-    if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == socket.IPPROTO_TCP:
-        ihl = (ip[0] & 0x0F) * 4
-        total = struct.unpack("!H", ip[2:4])[0]
-        src, dst = socket.inet_ntop(socket.AF_INET, ip[12:16]), socket.inet_ntop(
-            socket.AF_INET, ip[16:20])
-        tcp, tcp_len = ip[ihl:total], total - ihl
-    elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == socket.IPPROTO_TCP:
-        plen = struct.unpack("!H", ip[4:6])[0]
-        src, dst = socket.inet_ntop(socket.AF_INET6, ip[8:24]), socket.inet_ntop(
-            socket.AF_INET6, ip[24:40])
-        tcp, tcp_len = ip[40:40 + plen], plen
-    else:
-        return None
-    if len(tcp) < 20:
-        return None
-    sport, dport, seq, ack, off_flags, window = struct.unpack("!HHIIHH", tcp[:16])
-    doff = (off_flags >> 12) * 4
-    wscale, sack = tcpoptions.wscale(tcp[20:doff]), tuple(tcpoptions.sack_blocks(tcp[20:doff]))
-    return Segment(at, src, dst, sport, dport, seq, ack, off_flags & 0x3F, window,
-                   tcp_len - doff, wscale, sack)
 
 
 class VethPair:
@@ -159,15 +110,15 @@ class VethPair:
             if guard_listen:
                 patch_gate.PatchGate().guard_listen(listener)
             client = run_in(self.peer_ns, lambda: socket.socket(af, socket.SOCK_STREAM))
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.connect((self.origin_addr(family), port))
-                    break
-                except OSError:  # the link may still come up (IPv6 routes)
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+
+            def connected() -> bool:
+                # the link may still come up (IPv6 routes): refused or unreachable until then
+                err = client.connect_ex((self.origin_addr(family), port))
+                if err in (0, errno.EISCONN):
+                    return True
+                raise OSError(err, os.strerror(err))
+
+            wait_until(connected, 10, what=f"peer connected to origin port {port}")
             server, _ = listener.accept()
         finally:
             listener.close()
@@ -191,68 +142,6 @@ def run_in(ns: str, fn: Callable[[], T]) -> T:
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
-
-
-class Capture:
-    """Every TCP segment crossing ifname inside ns, in arrival order, while the context is open."""
-
-    def __init__(self, ns: str, ifname: str = "eth0") -> None:
-        self.sock = run_in(ns, lambda: self._open(ifname))
-        self._segments: list[Segment] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    @staticmethod
-    def _open(ifname: str) -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: drop no frame
-        s.bind((ifname, 0))
-        s.settimeout(0.1)
-        return s
-
-    def __enter__(self) -> Capture:
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            seg = parse_frame(frame, time.monotonic())
-            if seg is not None:
-                with self._lock:
-                    self._segments.append(seg)
-
-    def segments(self, src: str | None = None, since: int = 0) -> list[Segment]:
-        with self._lock:
-            found = self._segments[since:]
-        return [s for s in found if src is None or s.src == src]
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self._segments)
-
-    def wait_for(self, test: Callable[[Segment], bool], since: int = 0,
-                 timeout: float = 10.0) -> Segment:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for seg in self.segments(since=since):
-                if test(seg):
-                    return seg
-            time.sleep(0.01)
-        raise AssertionError(f"expected a matching segment within {timeout}s, saw "
-                             f"{self.segments(since=since)[-10:]}")
 
 
 def tcp_checksum(src: str, dst: str, segment: bytes) -> int:
@@ -290,15 +179,7 @@ TCP_INFO_STATE_CLOSE, TCP_INFO_STATE_LAST_ACK = 7, 9
 
 
 def tcp_state(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-
-
-def wait_until(test: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not test():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {what or 'the condition'} within {timeout}s")
-        time.sleep(0.01)
+    return int(structs.tcp_info(sock).tcpi_state)
 
 
 @contextlib.contextmanager

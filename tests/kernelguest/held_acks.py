@@ -11,16 +11,15 @@ from __future__ import annotations
 import enum
 import os
 import socket
-import struct
-import time
 from collections.abc import Callable
 
 from kernel.gatebackend import Gate
 from kernel.seq import seq_add
-from ops.gatelab import recv_exactly
+from ops.gatelab import observe_for, recv_exactly
 from ops.kernel.guestnet import VethPair, run_in
+from ops.kernel.structs import tcp_info
+from ops.wait import wait_until
 
-TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked in struct tcp_info (include/uapi/linux/tcp.h)
 SENT = 8000     # below the ~14 KB a fresh connection has in flight: held bytes never stall it
 FIRST = 3000    # the first commit
 HOLD_S = 0.3    # longer than the delayed-ACK timer, shorter than the peer's first RTO (1 s)
@@ -34,15 +33,12 @@ class Guarding(enum.Enum):
 
 
 def peer_bytes_acked(client: socket.socket) -> int:
-    info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    return int(struct.unpack_from("=Q", info, TCPI_BYTES_ACKED)[0])
+    return int(tcp_info(client).tcpi_bytes_acked)
 
 
-def _wait_acked(client: socket.socket, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (got := peer_bytes_acked(client)) != want and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return got
+def _wait_acked(client: socket.socket, want: int, timeout: float = 10.0) -> None:
+    wait_until(lambda: peer_bytes_acked(client) == want, timeout,
+               what=f"the peer's bytes_acked at {want}")
 
 
 def listen_and_connect(gate: Gate, guarding: Guarding,
@@ -97,13 +93,15 @@ def check_acks_held_until_committed(gate: Gate, server: socket.socket, client: s
     data = os.urandom(SENT)
     client.sendall(data)
     assert recv_exactly(server, SENT, timeout=10) == data
-    time.sleep(HOLD_S)
+    # the origin has every byte: an ACK not held would leave within the window (the peer's
+    # bytes_acked only grows, so its value at the end covers the whole window)
+    observe_for(HOLD_S)
     assert peer_bytes_acked(client) == 1, "bytes were acknowledged before any commit"
 
     assert gate.commit(server, seq_add(base, FIRST))
     assert gate.committed_seq(server) == seq_add(base, FIRST)
-    assert _wait_acked(client, 1 + FIRST) == 1 + FIRST
-    time.sleep(HOLD_S)
+    _wait_acked(client, 1 + FIRST)
+    observe_for(HOLD_S)  # likewise: an ACK beyond the commit would have come by now
     assert peer_bytes_acked(client) == 1 + FIRST, "acknowledged beyond the commit"
 
     assert not gate.commit(server, seq_add(base, FIRST)), "a repeated commit moved the gate"
@@ -111,5 +109,5 @@ def check_acks_held_until_committed(gate: Gate, server: socket.socket, client: s
     assert gate.committed_seq(server) == seq_add(base, FIRST)
 
     assert gate.commit(server, seq_add(base, SENT))
-    assert _wait_acked(client, 1 + SENT) == 1 + SENT
+    _wait_acked(client, 1 + SENT)
     assert gate.committed_seq(server) == seq_add(base, SENT)

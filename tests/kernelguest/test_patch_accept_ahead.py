@@ -17,8 +17,10 @@ from kernel import patch_gate, repair
 from kernel.patch_gate import PatchGate
 from kernel.sanity import RestorePolicy
 from kernel.seq import seq_add
+from ops.capture import Capture
 from ops.gatelab import recv_exactly
-from ops.kernel.guestnet import Capture, VethPair, run_in, wait_until
+from ops.kernel.guestnet import VethPair, run_in
+from ops.wait import wait_until
 
 SIOCOUTQ = 0x5411
 
@@ -40,11 +42,11 @@ def _checkpoint_then_send_more(pair: VethPair, family: int, more: int
     server, client = pair.connect(family)
     server.sendall(b"f" * 1000)
     assert recv_exactly(client, 1000) == b"f" * 1000
-    wait_until(lambda: _outq(server) == 0, what="the first 1000 bytes acknowledged")
+    wait_until(lambda: _outq(server) == 0, what="the first 1000 bytes acknowledged", timeout=10)
     ici = repair.dump(server)
     server.sendall(b"g" * more)
     assert recv_exactly(client, more) == b"g" * more
-    wait_until(lambda: _outq(server) == 0, what="the later bytes acknowledged")
+    wait_until(lambda: _outq(server) == 0, what="the later bytes acknowledged", timeout=10)
     return ici, client, server  # the caller crashes server (closed in repair mode, silently)
 
 
@@ -73,7 +75,7 @@ def test_a_restored_socket_accepts_the_peers_ack_beyond_snd_nxt_and_reports_the_
         sock = _restore(pair, ici, family, arm=True, crash=server)
         with sock:
             wait_until(lambda: patch_gate.accept_ahead(sock).distance == 5000,
-                       what="the ACK beyond snd_nxt accepted")
+                       what="the ACK beyond snd_nxt accepted", timeout=10)
             assert not patch_gate.accept_ahead(sock).armed
             client.sendall(b"hello")
             sock.settimeout(10)
@@ -114,14 +116,14 @@ def test_held_bytes_stay_with_the_peer_through_a_crash_and_arrive_once_after_res
     gate = PatchGate()
     server, client = pair.connect(4, guard_listen=True)
     data = bytes(range(256)) * 40  # 10240 bytes
-    with client, Capture(pair.peer_ns) as cap:
+    with client, Capture(pair.peer_ns, "eth0", "tcp") as cap:
         base = gate.config(server).commit_seq
         client.sendall(data)
         got = recv_exactly(server, len(data))
         assert got == data
         assert gate.commit(server, seq_add(base, 4000))  # the application checkpointed 4000
         wait_until(lambda: _outq(client) == len(data) - 4000,
-                   what="the peer holding exactly the uncommitted bytes")
+                   what="the peer holding exactly the uncommitted bytes", timeout=10)
         ici = repair.dump(server)
         # the checkpoint holds the committed receive sequence, not what the kernel received
         ici = dataclasses.replace(
@@ -144,7 +146,7 @@ def test_held_bytes_stay_with_the_peer_through_a_crash_and_arrive_once_after_res
             except TimeoutError:
                 pytest.fail(f"the held bytes never arrived; wire: {cap.segments()[-30:]}")
             assert rest == data[4000:]
-            wait_until(lambda: _outq(client) == 0, what="the peer's queue emptied")
+            wait_until(lambda: _outq(client) == 0, what="the peer's queue emptied", timeout=10)
             sock.settimeout(0.5)
             with pytest.raises(TimeoutError):
                 sock.recv(1)  # nothing arrives twice

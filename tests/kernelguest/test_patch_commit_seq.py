@@ -18,6 +18,7 @@ import pytest
 from kernel import patch_gate
 from kernel.patch_gate import CommitRefused, PatchGate
 from kernel.seq import after, seq_add, seq_diff
+from ops.capture import Capture
 from ops.gatelab import recv_exactly
 from ops.kernel.guestnet import (
     TCP_FIN,
@@ -26,14 +27,13 @@ from ops.kernel.guestnet import (
     TCP_INFO_STATE_FIN_WAIT2,
     TCP_INFO_STATE_LAST_ACK,
     TCP_SYN,
-    Capture,
     VethPair,
     background,
     inject,
     run_in,
     tcp_state,
-    wait_until,
 )
+from ops.wait import wait_until
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_acks_on_the_wire_carry_only_committed_sequences_and_keep_the_right_edge
         pair: VethPair, family: int) -> None:
     gate = PatchGate()
     data = os.urandom(256 * 1024)
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(family, guard_listen=True)
         with server, client:
             info = gate.config(server)
@@ -92,7 +92,7 @@ def _sack_after_out_of_order_segment(pair: VethPair, gated: bool) -> tuple[int, 
     """Open a connection, deliver 1000 bytes, inject a segment 2000 bytes beyond them; return
     the commit and the SACK blocks of every origin segment after the injection."""
     run_in(pair.peer_ns, lambda: Path("/proc/sys/net/ipv4/tcp_timestamps").write_text("0"))
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(4, guard_listen=gated)
         with server, client:
             client.sendall(b"a" * 1000)
@@ -106,7 +106,7 @@ def _sack_after_out_of_order_segment(pair: VethPair, gated: bool) -> tuple[int, 
                    seq_add(syn_ack.seq, 1), b"z" * 500)
             cap.wait_for(lambda s: s.src == origin and s.ack == info.rcv_nxt
                          if not gated else s.src == origin, since=mark)
-            wait_until(lambda: len(cap.segments(src=origin, since=mark)) >= 1)
+            wait_until(lambda: len(cap.segments(src=origin, since=mark)) >= 1, timeout=10)
             blocks = [s.sack for s in cap.segments(src=origin, since=mark)]
     return info.commit_seq, blocks
 
@@ -128,7 +128,7 @@ def test_a_gated_origin_sends_no_sack_block_above_the_commit(pair: VethPair) -> 
 def test_a_commit_sends_its_ack_before_the_peer_sends_anything_else(
         pair: VethPair, family: int) -> None:
     gate = PatchGate()
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(family, guard_listen=True)
         with server, client:
             base = gate.config(server).commit_seq
@@ -150,7 +150,7 @@ def test_a_commit_sends_its_ack_before_the_peer_sends_anything_else(
 
 def test_a_fin_is_acknowledged_only_once_the_commit_passes_it(pair: VethPair) -> None:
     gate = PatchGate()
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(4, guard_listen=True)
         with server, client:
             base = gate.config(server).commit_seq
@@ -167,7 +167,7 @@ def test_a_fin_is_acknowledged_only_once_the_commit_passes_it(pair: VethPair) ->
             assert gate.commit(server, seq_add(base, 1001))
             cap.wait_for(lambda s: s.src == origin and s.ack == seq_add(base, 1001))
             wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
-                       what="the peer's FIN acknowledged")
+                       what="the peer's FIN acknowledged", timeout=10)
 
 
 def _active_close_holding_the_peers_fin(pair: VethPair, gate: PatchGate, cap: Capture,
@@ -186,7 +186,7 @@ def _active_close_holding_the_peers_fin(pair: VethPair, gate: PatchGate, cap: Ca
     origin = pair.origin_addr(4)
     wait_until(lambda: len([s for s in cap.segments() if s.src != origin
                             and s.flags & TCP_FIN]) >= 2,
-               what="the peer's FIN retransmitted (it was not acknowledged)")
+               what="the peer's FIN retransmitted (it was not acknowledged)", timeout=10)
     assert tcp_state(server) == TCP_INFO_STATE_FIN_WAIT2  # not a TIME_WAIT socket
     assert tcp_state(client) == TCP_INFO_STATE_LAST_ACK
     fin_end = seq_add(base, 1001)
@@ -197,7 +197,7 @@ def _active_close_holding_the_peers_fin(pair: VethPair, gate: PatchGate, cap: Ca
 def test_after_an_active_close_the_peers_fin_waits_for_the_commit_before_time_wait(
         pair: VethPair) -> None:
     gate = PatchGate()
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(4, guard_listen=True)
         with server, client:
             fin_end = _active_close_holding_the_peers_fin(pair, gate, cap, server, client)
@@ -205,13 +205,13 @@ def test_after_an_active_close_the_peers_fin_waits_for_the_commit_before_time_wa
             assert gate.commit(server, fin_end)
             cap.wait_for(lambda s: s.src == origin and s.ack == fin_end)
             wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_CLOSE,
-                       what="the peer's connection closed by the ACK of its FIN")
+                       what="the peer's connection closed by the ACK of its FIN", timeout=10)
             assert tcp_state(server) == TCP_INFO_STATE_CLOSE  # handed to a TIME_WAIT socket
 
 
 def test_closing_a_socket_that_holds_its_peers_fin_acknowledges_it(pair: VethPair) -> None:
     gate = PatchGate()
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(4, guard_listen=True)
         with server, client:
             fin_end = _active_close_holding_the_peers_fin(pair, gate, cap, server, client)
@@ -219,7 +219,7 @@ def test_closing_a_socket_that_holds_its_peers_fin_acknowledges_it(pair: VethPai
             origin = pair.origin_addr(4)
             cap.wait_for(lambda s: s.src == origin and s.ack == fin_end)
             wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_CLOSE,
-                       what="the peer's connection closed by the ACK of its FIN")
+                       what="the peer's connection closed by the ACK of its FIN", timeout=10)
             assert not [s for s in cap.segments(src=origin) if s.flags & 0x04]  # no RST
 
 
@@ -261,7 +261,7 @@ def test_a_gated_listener_takes_no_fast_open_data_in_the_syn(pair: VethPair, gat
                                                               ) -> None:
     data = b"t" * 200
     port = 5301 + gated
-    with Capture(pair.peer_ns) as cap:
+    with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client, base = _fast_open_once(pair, gated, port, data)
         with server, client:
             server.settimeout(10)
@@ -310,7 +310,7 @@ def test_guarding_an_established_socket_refuses_a_sequence_already_acknowledged(
         assert not patch_gate.commit_info(server).gated
         client.sendall(b"e" * 100)
         recv_exactly(server, 100)
-        wait_until(lambda: client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0)
+        wait_until(lambda: client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 0, timeout=10)
         with pytest.raises(CommitRefused):
             patch_gate.set_commit(server, base)  # the 100 bytes were acknowledged already
         info = gate.guard(server)
@@ -335,7 +335,7 @@ def test_a_stream_committed_as_it_is_read_arrives_intact(pair: VethPair, family:
                 gate.commit(server, seq_add(base, len(received)))
         gate.commit(server, seq_add(base, len(received) + 1))  # the FIN
         wait_until(lambda: tcp_state(client) == TCP_INFO_STATE_FIN_WAIT2,
-                   what="everything acknowledged to the peer")
+                   what="everything acknowledged to the peer", timeout=10)
     assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
 
 
