@@ -1,5 +1,5 @@
-"""Small reachability helpers for the lab: TCP listeners that say which host answered, and
-packet captures with tcpdump inside a lab host.
+"""Small reachability helpers for the lab: TCP listeners that say which host answered (and the
+old names of the lab's capture, now ops/capture.py).
 
 Used by the lab's own tests, by `tcpcp lab status --reach` and by the demo.
 """
@@ -7,17 +7,15 @@ Used by the lab's own tests, by `tcpcp lab status --reach` and by the demo.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import errno
 import socket
-import subprocess
-import tempfile
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ops import capture as _capture
 from ops import netns
+from ops.capture import Segment
 from ops.lab import Lab
 
 
@@ -63,20 +61,31 @@ def _listener(family: int, address: str, port: int) -> socket.socket:
     return s
 
 
+UNREACHABLE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+"""The errors that mean "nothing answers there": refused (no listener), no route or no neighbour.
+A timeout means the same (packets dropped on the way). Any other error is a fault of the test or
+the lab and is raised."""
+
+
 def ask_name(address: str, port: int, timeout: float = 2.0) -> str | None:
-    """Connect from the calling thread's namespace; the answering host's name, or None."""
+    """Connect from the calling thread's namespace; the answering host's name, or None when
+    nothing answers (refused, unreachable, timed out)."""
     netns.assert_inside_lab()
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
             s.connect((address, port))
-            data = b""
-            while chunk := s.recv(64):
-                data += chunk
-            return data.decode() or None
-    except OSError:
-        return None
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            if exc.errno in UNREACHABLE_ERRNOS:
+                return None
+            raise
+        data = b""
+        while chunk := s.recv(64):
+            data += chunk
+        return data.decode()  # empty: something answered that is no NameServer
 
 
 def reachable(lab: Lab, src: str, address: str, port: int, timeout: float = 1.0) -> str | None:
@@ -84,77 +93,49 @@ def reachable(lab: Lab, src: str, address: str, port: int, timeout: float = 1.0)
     return lab.call(src, ask_name, address, port, timeout)
 
 
+# ---------------------------------------------------------------------- captures
+# The capture is ops.capture.Capture: Capture.in_lab(lab, host, interface, bpf_filter) and its
+# segments(). What follows keeps the old names (ops/demo.py) working on top of it.
+
+_FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."), (0x20, "U"),
+                 (0x40, "E"), (0x80, "W"))
+
+
+def describe(seg: Segment) -> str:
+    """A segment in tcpdump's words: `10.0.0.2.80 > 10.0.0.5.4000: Flags [S.], seq 1, ...`."""
+    flags = "".join(letter for bit, letter in _FLAG_LETTERS if seg.flags & bit) or "none"
+    src = f"{seg.src}.{seg.sport}"
+    dst = f"{seg.dst}.{seg.dport}"
+    return (f"IP{'6' if seg.family == 6 else ''} {src} > {dst}: Flags [{flags}], seq {seg.seq}, "
+            f"ack {seg.ack}, win {seg.window}, length {seg.payload_len}")
+
+
 @dataclass(frozen=True, slots=True)
 class Packet:
+    """Deprecated: ops.capture.Segment. A segment's capture time and tcpdump-style line."""
+
     time: float
     line: str
 
 
-class Capture:
-    """tcpdump in a lab host, writing a pcap; `packets()` reads it back after `stop()`."""
+class Capture(_capture.Capture):
+    """Deprecated: ops.capture.Capture.in_lab(lab, host, interface, bpf_filter). tcpdump in a
+    lab host; packets() gives the segments as tcpdump-style lines."""
 
     def __init__(self, lab: Lab, host: str, interface: str, bpf_filter: str = "",
                  snaplen: int = 128) -> None:
-        self.lab, self.host, self.interface = lab, host, interface
-        fd, self.path = tempfile.mkstemp(prefix=f"{lab.prefix}-{host}-", suffix=".pcap")
-        os.close(fd)
-        self.argv = ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-n",
-                     "-s", str(snaplen), "-w", self.path]
-        if bpf_filter:
-            self.argv.append(bpf_filter)
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(lab.netns(host), interface, bpf_filter, snaplen=snaplen)
+        self.lab, self.host = lab, host
 
-    def start(self, timeout: float = 5.0) -> Capture:
-        self.proc = self.lab.popen(self.host, self.argv, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stderr.fileno(), False)
-        seen = b""
-        while time.monotonic() < deadline:
-            chunk = self.proc.stderr.read() or b""
-            seen += chunk
-            if b"listening on" in seen:
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise RuntimeError(f"tcpdump on {self.host}/{self.interface} did not start: {seen!r}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            time.sleep(0.2)  # let the last packets reach the file
-            self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(timeout=10)
-
-    def packets(self, read_filter: Sequence[str] = ()) -> list[Packet]:
-        r = subprocess.run(["tcpdump", "-r", self.path, "-n", "-tt", "-v", *read_filter],
-                           capture_output=True, text=True, check=True)
-        out = []
-        for line in r.stdout.splitlines():
-            head = line.split(" ", 1)[0]
-            try:
-                out.append(Packet(float(head), line))
-            except ValueError:
-                if out:  # continuation line of -v output
-                    out[-1] = Packet(out[-1].time, out[-1].line + " " + line.strip())
-        return out
-
-    def __enter__(self) -> Capture:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def packets(self) -> list[Packet]:
+        return [Packet(s.at, describe(s)) for s in self.segments()]
 
     def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Nothing to remove: the capture is kept in memory."""
 
 
 @contextlib.contextmanager
 def capture(lab: Lab, host: str, interface: str, bpf_filter: str = "") -> Iterator[Capture]:
-    cap = Capture(lab, host, interface, bpf_filter).start()
-    try:
+    """Deprecated: `with Capture.in_lab(lab, host, interface, bpf_filter) as cap:`."""
+    with Capture(lab, host, interface, bpf_filter) as cap:
         yield cap
-    finally:
-        cap.stop()

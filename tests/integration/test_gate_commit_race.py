@@ -4,6 +4,7 @@ backend the kernel has (the eBPF gate's forced ACKs; the patched kernel's own)."
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import socket
@@ -13,7 +14,6 @@ from pathlib import Path
 from kernel.gatebackend import Gate, open_gate
 from kernel.seq import seq_diff
 from ops import gatelab as G
-from ops import netns
 from ops.lab import Lab
 
 PORT = 5700
@@ -43,22 +43,16 @@ def test_acks_of_concurrent_commits_never_go_back(lab: Lab, tmp_path: Path,
             chunk = conn.recv(SENT - got)
             assert chunk
             got += len(chunk)
-        cap = G.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
-                              f"tcp src port {PORT}")
-        try:
-            start = threading.Barrier(2)
-            threads = [threading.Thread(target=_commit_every_other,
-                                        args=(gate, conn, base, first, start))
-                       for first in (0, 1)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
-        finally:
-            G.stop_capture(cap)
+        with G.gateway_capture(lab, f"tcp src port {PORT}", path=pcap) as cap:
+            start = threading.Barrier(2, timeout=30)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                done = [pool.submit(_commit_every_other, gate, conn, base, first, start)
+                        for first in (0, 1)]
+                for fut in done:
+                    fut.result(timeout=60)  # a committing thread's error fails the test
         conn.close()
         peer.close()
-    acks = [s.ack for s in G.read_pcap(pcap) if s.flags == 0x10 and s.payload_len == 0]
+    acks = [s.ack for s in cap.segments() if s.flags == 0x10 and s.payload_len == 0]
     assert len(acks) >= STEPS // 2
     assert acks[-1] == (base + SENT) & 0xFFFFFFFF
     back = [(a, b) for a, b in itertools.pairwise(acks) if seq_diff(b, a) < 0]

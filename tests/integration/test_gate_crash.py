@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
-import time
 
 from kernel import repair
 from kernel.gatebackend import Gate, open_gate, socket_flow
@@ -16,6 +15,7 @@ from kernel.quarantine import Quarantine
 from kernel.sanity import RestorePolicy
 from ops import gatelab as G
 from ops.lab import Lab
+from ops.wait import wait_until
 
 PORT = 5500
 SENT, COMMITTED, READ = 100_000, 40_000, 50_000  # held bytes stay under a cwnd
@@ -45,10 +45,11 @@ def _crash_with_held_bytes(lab: Lab, gate: Gate | None) -> tuple[int, int]:
                 gate.commit(conn, base + got)
         # received by the origin's kernel and read, but never committed
         assert len(G.recv_exactly(conn, READ - COMMITTED)) == READ - COMMITTED
-        time.sleep(0.3)
-        lab.crash("origin")
-        sender.result(timeout=10)
-        time.sleep(0.5)
+        # an ACK of the read bytes (ungated: the proof; gated: the bug) leaves within the
+        # delayed-ACK timer (40-200 ms): no event marks "it would have left by now"
+        G.observe_for(0.3)
+        lab.crash("origin")  # at the gateway: nothing reaches the peer from now on
+        sender.result(timeout=10)  # every byte is in the peer's socket: Send-Q counts the rest
         return _peer_ss(lab)
 
 
@@ -91,16 +92,15 @@ def test_connection_restored_from_the_committed_state_receives_the_held_bytes_ex
             ici, rcv_nxt=committed, received=b"",
             window=dataclasses.replace(ici.window, rcv_wup=committed))
         origin_data += G.recv_exactly(conn, READ - COMMITTED)  # read, never committed
-        time.sleep(0.3)
+        G.observe_for(0.3)  # as above: an ACK beyond the commit would have left by now
         lab.crash("origin")
     assert origin_data == stream[:READ]
 
     with Quarantine("eth0", netns=lab.netns("standby")) as q:
         q.observe(flow)
         lab.switch_route("standby")
-        deadline = time.monotonic() + 10
-        while q.observed(flow) is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the peer's retransmission timer brings its next segment
+        # the peer's retransmission timer brings its next segment
+        wait_until(lambda: q.observed(flow), 10, what="the peer's segment in quarantine")
         policy = RestorePolicy.serving(lab.service(4))
         restored = lab.call("standby", repair.restore, checkpoint, policy)
         seen = q.release(flow)

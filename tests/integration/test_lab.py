@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +15,12 @@ import time
 import pytest
 
 from ops import netns
+from ops.capture import Capture
+from ops.gatelab import observe_for
+from ops.kernel.structs import tcp_info
 from ops.lab import Lab, list_labs
-from ops.probe import Capture, NameServer, reachable
+from ops.probe import NameServer, reachable
+from ops.wait import wait_until
 
 PORT = 7700
 SERVICE_PORT = 8080
@@ -103,16 +108,20 @@ def test_crash_cuts_origin_off_outside_while_its_kernel_keeps_the_socket(fresh_l
     origin_mac = lab.host("origin").mac
     from_origin = f"src host {lab.service(4)} or src host {lab.addr('origin')}"
     caps = [
-        Capture(lab, "peer", "eth0", f"src host {lab.service(4)} or src host {lab.addr('origin')}"),
-        Capture(lab, "gw", "br0", f"ether src {origin_mac}"),
-        Capture(lab, "gw", "v-peer", from_origin),
+        Capture.in_lab(lab, "peer", "eth0", from_origin),
+        Capture.in_lab(lab, "gw", "br0", f"ether src {origin_mac}"),
+        Capture.in_lab(lab, "gw", "v-peer", from_origin),
     ]
-    try:
+    with contextlib.ExitStack() as stack:
         for c in caps:
-            c.start()
+            stack.enter_context(c)
+        stack.callback(server.close)
+        stack.callback(client.close)
         server.sendall(b"before-crash")
         assert client.recv(100) == b"before-crash"
-        time.sleep(0.2)
+        # nothing of origin's is in flight: the peer's ACK of its bytes has arrived
+        wait_until(lambda: tcp_info(server).tcpi_unacked == 0, 10,
+                   what="origin's bytes acknowledged")
         killed = lab.crash("origin")
         crashed_at = time.time()
         assert sleeper.pid in killed
@@ -120,24 +129,22 @@ def test_crash_cuts_origin_off_outside_while_its_kernel_keeps_the_socket(fresh_l
         # origin's TCP sees no error: it queues the bytes and keeps retransmitting them
         server.sendall(b"after-crash" * 100)
         client.sendall(b"from-peer")
-        time.sleep(1.5)
+        # origin retransmits within this window (RTO from 200 ms, doubling) and none of it
+        # may cross the cut: an absence, so the window is fixed
+        observe_for(1.5)
         ss = lab.run("origin", ["ss", "-tnH", "state", "established"], capture_output=True,
                      text=True, check=True).stdout
         assert f"{lab.service(4)}:{SERVICE_PORT + 1}" in ss
         send_q = int(ss.split()[1])
         assert send_q == len(b"after-crash" * 100)
-    finally:
-        for c in caps:
-            c.stop()
-        client.close()
-        server.close()
+        retrans_in_window = tcp_info(server).tcpi_total_retrans
+    assert retrans_in_window > 0, "origin retransmitted nothing in the window: it proves nothing"
     for c in caps:
-        pkts = c.packets()
-        before = [p for p in pkts if p.time < crashed_at]
-        after = [p for p in pkts if p.time >= crashed_at]
-        assert before, f"capture on {c.host}/{c.interface} saw nothing even before the crash"
-        assert after == [], f"{c.host}/{c.interface} saw origin after the crash: {after[:3]}"
-        c.remove()
+        segs = c.segments()
+        before = [s for s in segs if s.at < crashed_at]
+        after = [s for s in segs if s.at >= crashed_at]
+        assert before, f"capture on {c.where} saw nothing even before the crash"
+        assert after == [], f"{c.where} saw origin after the crash: {after[:3]}"
 
 
 def test_partition_drops_only_between_the_named_hosts_and_heal_restores(fresh_lab: Lab) -> None:
@@ -221,10 +228,8 @@ def test_lab_of_a_sigkilled_run_is_removed_by_the_next_one(tmp_path: object) -> 
     with Lab(stores=1):
         pass  # building any lab sweeps the dead one
     assert not any(netns.exists(n) for n in info["netns"])
-    deadline = time.monotonic() + 5
-    while os.path.exists(f"/proc/{info['sleeper']}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{info['sleeper']}")
+    wait_until(lambda: not os.path.exists(f"/proc/{info['sleeper']}"), 5,
+               what="the sleeper of the SIGKILLed run gone")
     assert info["prefix"] not in list_labs()
 
 

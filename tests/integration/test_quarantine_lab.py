@@ -12,8 +12,11 @@ from pathlib import Path
 from kernel.bpf.layout import Flow
 from kernel.quarantine import Observation, Quarantine
 from ops import gatelab as G
-from ops import netns, tcpoptions
+from ops import tcpoptions
+from ops.capture import Capture, Segment
+from ops.kernel.structs import tcp_info
 from ops.lab import Lab
+from ops.wait import wait_until
 
 PORT = 5400
 SYN, RST = 0x02, 0x04
@@ -28,12 +31,12 @@ def _connect(service: str) -> socket.socket:
 
 
 def _switch_mid_connection(lab: Lab, pcap: Path, quarantine: Quarantine | None
-                           ) -> tuple[Flow, Observation | None, str, list[G.Captured], float]:
+                           ) -> tuple[Flow, Observation | None, str, list[Segment], float]:
     """Connect peer->origin, exchange bytes, move the service to the standby, let the peer send
-    700 more bytes for a second. Returns the flow, what quarantine saw, the peer's `ss -tin`,
-    the capture on the peer's link and the switch time."""
-    cap = G.start_capture(netns.command(lab.netns("gw"), []), "v-peer", pcap,
-                          f"tcp port {PORT}")
+    700 more bytes (retransmitted when quarantined, answered by the standby when not). Returns
+    the flow, what quarantine saw, the peer's `ss -tin`, the capture on the peer's link (up to
+    the quarantine's reading) and the switch time."""
+    cap = G.gateway_capture(lab, f"tcp port {PORT}", "v-peer", pcap).start()
     srv = lab.call("origin", G.listener, 4, PORT)
     try:
         accept = lab.submit("origin", srv.accept)
@@ -44,20 +47,48 @@ def _switch_mid_connection(lab: Lab, pcap: Path, quarantine: Quarantine | None
         assert len(G.recv_exactly(conn, 1000)) == 1000
         conn.sendall(b"y" * 500)
         assert len(G.recv_exactly(peer, 500)) == 500
-        time.sleep(0.1)  # delayed ACKs settle
+        # delayed ACKs settle: neither end has a segment waiting for its ACK
+        wait_until(lambda: tcp_info(peer).tcpi_unacked == tcp_info(conn).tcpi_unacked == 0, 10,
+                   what="both ends' bytes acknowledged")
         if quarantine is not None:
             quarantine.observe(flow)
         switched = time.time()
         lab.switch_route("standby")
         peer.sendall(b"z" * 700)
-        time.sleep(1.0)
-        seen = quarantine.observed(flow) if quarantine is not None else None
+        if quarantine is not None:  # the 700 bytes and a retransmission cross the peer's link
+            wait_until(lambda: len([s for s in cap.segments()
+                                    if s.dport == PORT and s.payload_len == 700]) >= 2, 10,
+                       what="the peer's 700 bytes sent and retransmitted")
+        else:  # the standby's kernel answers them
+            cap.wait_for(lambda s: s.sport == PORT and s.at > switched, what="the standby's answer")
+        got = wait_until(lambda: _same_window(cap, quarantine, flow, switched), 10,
+                         what="quarantine and capture covering the same segments")
+        assert got is not None
+        seen, segs = got
         ss = lab.run("peer", ["ss", "-tin", "dst", f"{lab.service(4)}:{PORT}"],
                      capture_output=True, text=True, check=True).stdout
     finally:
-        G.stop_capture(cap)
+        cap.stop()
         srv.close()
-    return flow, seen, ss, list(G.read_pcap(pcap)), switched
+    return flow, seen, ss, segs, switched
+
+
+def _same_window(cap: Capture, quarantine: Quarantine | None, flow: Flow, switched: float
+                 ) -> tuple[Observation | None, list[Segment]] | None:
+    """(quarantine's record, the capture) read so that both cover the same segments: the record
+    is read before and after flushing the capture and must not change in between, and a
+    segment captured on the gateway must have reached the standby (None: not yet, read again).
+    The peer's next retransmission is hundreds of milliseconds away, so this settles."""
+    before = quarantine.observed(flow) if quarantine is not None else None
+    assert cap.flush(), "the capture's flush marker did not come back"
+    segs = cap.segments()
+    after = quarantine.observed(flow) if quarantine is not None else None
+    if before != after:
+        return None
+    if after is not None and after.packets != len(
+            [s for s in segs if s.dport == PORT and s.at > switched]):
+        return None
+    return after, segs
 
 
 def _ss_field(ss: str, name: str) -> int:
@@ -78,9 +109,9 @@ def test_quarantined_standby_sends_no_reset_and_records_the_peers_state(
     from_service = [s for s in segs if s.sport == PORT]
     from_peer = [s for s in segs if s.dport == PORT]
     assert [s for s in from_service if s.flags & RST] == []
-    assert [s for s in from_service if s.time > switched] == []
+    assert [s for s in from_service if s.at > switched] == []
     assert seen is not None
-    after_switch = [s for s in from_peer if s.time > switched]
+    after_switch = [s for s in from_peer if s.at > switched]
     assert seen.packets == len(after_switch) >= 2  # the segment and at least one retransmission
     last = after_switch[-1]
     assert (seen.seq, seen.ack, seen.window, seen.tcp_flags) == (
@@ -100,5 +131,5 @@ def test_quarantined_standby_sends_no_reset_and_records_the_peers_state(
 def test_without_quarantine_the_standby_resets_the_connection(fresh_lab: Lab,
                                                               tmp_path: Path) -> None:
     _, _, _, segs, switched = _switch_mid_connection(fresh_lab, tmp_path / "r.pcap", None)
-    resets = [s for s in segs if s.sport == PORT and s.flags & RST and s.time > switched]
+    resets = [s for s in segs if s.sport == PORT and s.flags & RST and s.at > switched]
     assert resets, "expected the standby's kernel to answer the unknown flow with RST"
