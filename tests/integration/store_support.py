@@ -19,14 +19,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
 
+from ops.wait import WaitTimeout, wait_until
 from store.client import CheckpointStore
 from store.errors import DurabilityError, StoreUnavailable
 from store.record import Checkpoint
 from store.signing import KeyRing
+
+T = TypeVar("T")
 
 
 def _bindable(port: int) -> bool:
@@ -83,17 +87,22 @@ class LocalRedis:
         if self.sentinel_conf is not None:
             argv.append("--sentinel")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis exited with {self.proc.returncode}: "
-                                   f"{self.proc.stderr.read() if self.proc.stderr else b''!r} "
-                                   f"{self.log()}")
-            with contextlib.suppress(redis.RedisError), self.admin() as c:
-                c.ping()
-                return self
-            time.sleep(0.02)
-        raise RuntimeError(f"redis on port {self.port} did not answer within 10 s: {self.log()}")
+        proc = self.proc
+
+        def answers() -> str:
+            if proc.poll() is not None:
+                return "exited"
+            with self.admin() as c:
+                return "up" if c.ping() else ""
+
+        try:
+            outcome = wait_until(answers, 10, what=f"redis on port {self.port} answering PING")
+        except WaitTimeout as exc:
+            raise RuntimeError(f"{exc}: {self.log()}") from exc
+        if outcome == "exited":
+            raise RuntimeError(f"redis exited with {proc.returncode}: "
+                               f"{proc.stderr.read() if proc.stderr else b''!r} {self.log()}")
+        return self
 
     def admin(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
@@ -134,15 +143,11 @@ def running(*servers: LocalRedis) -> Iterator[tuple[LocalRedis, ...]]:
             s.close()
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+def wait_for(predicate: Callable[[], T], timeout: float, what: str,
+             interval: float = 0.05) -> T:
+    """ops.wait.wait_until: on timeout, WaitTimeout chained from the predicate's last error."""
+    return wait_until(predicate, timeout, what=what, interval=interval,
+                      max_interval=max(interval, 0.2))
 
 
 def replicas_acknowledging(primary: LocalRedis, count: int, timeout: float = 15) -> None:
@@ -170,9 +175,10 @@ def start_sentinels(primary: LocalRedis, service: str, count: int = 3,
         for s in sentinels:
             s.start()
         for s in sentinels:
-            wait_for(lambda s=s: int(s.admin().execute_command(
-                "SENTINEL", "MASTER", service)[b"num-other-sentinels"]) == count - 1,
-                30, "sentinels discovering each other")
+            def discovered(s: LocalRedis = s) -> bool:
+                info = s.admin().execute_command("SENTINEL", "MASTER", service)
+                return int(info[b"num-other-sentinels"]) == count - 1
+            wait_for(discovered, 30, "sentinels discovering each other")
     except BaseException:
         for s in sentinels:
             s.close()
@@ -196,8 +202,9 @@ def start_cluster(primaries: int = 3) -> list[LocalRedis]:
                         *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         for n in nodes:
-            wait_for(lambda n=n: n.admin().execute_command("CLUSTER", "INFO")
-                     .decode().find("cluster_state:ok") >= 0, 20, "cluster state ok")
+            def state_ok(n: LocalRedis = n) -> bool:
+                return "cluster_state:ok" in n.admin().execute_command("CLUSTER", "INFO").decode()
+            wait_for(state_ok, 20, "cluster state ok")
     except BaseException:
         for n in nodes:
             n.close()
@@ -234,7 +241,7 @@ class FailoverRun:
 
 def put_through_failover(store: CheckpointStore, make: Callable[[int], Checkpoint], *,
                          crash: Callable[[], None], failed_over: Callable[[], bool],
-                         after_failover: Callable[[], None], deadline_s: float,
+                         after_failover: Callable[[], object], deadline_s: float,
                          crash_at: int = 300, at_least: int = 1000) -> FailoverRun:
     """Put make(i) for i = 1, 2, ...; crash() the primary before put crash_at; go on for at
     least at_least puts and, once failed_over() says so (checked after each put past the crash;

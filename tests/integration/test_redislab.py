@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import redis
 
 from ops.lab import Lab
 from ops.redislab import RedisClusterSet, RedisServer, SentinelSet
+from ops.wait import wait_until
 
 
 def _roundtrip(srv: RedisServer, key: str, value: bytes) -> bytes | None:
@@ -59,13 +59,9 @@ def test_replica_follows_its_primary(lab: Lab, redis_factory: Callable[..., Redi
 
     def read() -> bytes | None:
         c = replica.client()
-        try:
-            for _ in range(200):
-                v = c.get("replicated")
-                if v is not None:
-                    return v  # type: ignore[no-any-return,return-value]
-                time.sleep(0.01)
-            return None
+        try:  # replication is asynchronous: the key arrives a moment later
+            return wait_until(lambda: c.get("replicated"), 10,  # type: ignore[return-value]
+                              what="the key on the replica")
         finally:
             c.close()
 
@@ -95,19 +91,18 @@ def test_sentinels_fail_over_when_the_primary_is_killed(fresh_lab: Lab) -> None:
         assert after == (replica.addr, replica.port)
 
         def write_via_sentinel() -> bytes | None:
-            from redis.sentinel import MasterNotFoundError, Sentinel
+            from redis.sentinel import Sentinel
 
             s = Sentinel(sentinels.addresses, socket_timeout=1)
-            deadline = time.monotonic() + 20
-            while True:  # sentinels agree on the new primary a moment after announcing it
-                try:
-                    master = s.master_for(sentinels.service, socket_timeout=1)
-                    master.set("after-failover", b"2")
-                    return master.get("before-failover")  # type: ignore[no-any-return]
-                except (MasterNotFoundError, redis.ConnectionError, redis.ReadOnlyError):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+
+            def write() -> tuple[bytes | None]:  # truthy even when the key was lost
+                master = s.master_for(sentinels.service, socket_timeout=1)
+                master.set("after-failover", b"2")
+                return (master.get("before-failover"),)  # type: ignore[return-value]
+
+            # sentinels agree on the new primary a moment after announcing it (until then:
+            # MasterNotFoundError, ConnectionError or ReadOnlyError, kept as the cause)
+            return wait_until(write, 20, what="a write through the new primary")[0]
 
         assert lab.call("origin", write_via_sentinel) == b"1"
     finally:

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from store.client import LIBRARY_SOURCE, LIBRARY_VERSION, CheckpointStore
+from ops.wait import wait_until
+from store.client import LIBRARY_SOURCE, LIBRARY_VERSION, CheckpointStore, OriginState
 from store.config import Durability, StoreConfig
 from store.errors import (
     ClaimLost,
@@ -175,15 +176,19 @@ def test_two_concurrent_claimers_exactly_one_wins_in_100_repetitions(
 def test_lease_not_renewed_expires_within_its_ttl_and_can_then_be_claimed(
         store: CheckpointStore) -> None:
     epoch = store.lease_acquire(ORIGIN, "origin-a", ttl_ms=300)
+    granted = time.monotonic()  # the lease's TTL runs from a moment before this
     state = store.state(ORIGIN)
     assert state.lease_holder == "origin-a" and 0 < (state.lease_ms_left or 0) <= 300
     with pytest.raises(LeaseHeld, match="'origin-a' holds it"):
         store.claim(ORIGIN, "standby-1", seen_epoch=epoch, ttl_ms=300)
-    acquired = time.monotonic()
-    time.sleep(0.3)
-    while time.monotonic() - acquired < 0.35 and store.state(ORIGIN).lease_holder:
-        time.sleep(0.005)  # Redis expires keys lazily or within its 100 ms active cycle
-    assert store.state(ORIGIN).lease_holder is None
+
+    def first_look_past_the_ttl() -> OriginState | None:
+        # the condition is the clock itself; Redis expires a key on access (or in its 100 ms
+        # active cycle), so the first read past the TTL must already find the lease gone
+        return store.state(ORIGIN) if time.monotonic() - granted > 0.3 else None
+
+    after_ttl = wait_until(first_look_past_the_ttl, 5, what="a read past the lease's TTL")
+    assert after_ttl is not None and after_ttl.lease_holder is None
     with pytest.raises(LeaseLost, match="expired or taken"):
         store.lease_renew(ORIGIN, "origin-a", epoch, ttl_ms=300)
     assert store.claim(ORIGIN, "standby-1", seen_epoch=epoch, ttl_ms=300) == epoch + 1
