@@ -39,6 +39,7 @@ from kernel.errors import KernelError
 from kernel.ici import Identity
 from kernel.isolation import FlowIsolation, flow_of
 from kernel.pass_states import End, Ending, State, Step, Undo, advance, endings, undo
+from kernel.sanity import RESTORABLE_STATES
 from kernel.transfer import Envelope, Frame, Kind, Limits, Outcome, Signer, TransferError
 
 log = structlog.get_logger("tcpcp.checkpointer.pass_out")
@@ -93,6 +94,19 @@ class PassResult:
     @property
     def not_passed(self) -> tuple[tuple[Identity | None, End], ...]:
         return tuple((f, e) for f, e in self.ends if e.ending is not Ending.PASSED)
+
+
+def _unpassable(sock: socket.socket) -> str:
+    """Why a socket cannot be passed ('' when it can): not connected, or in a state the
+    kernel layer does not recreate (a closed one, one still in its handshake)."""
+    try:
+        sock.getpeername()
+        state = repair.tcp_state(sock)
+    except (OSError, ValueError) as exc:
+        return f"not connected ({exc})"
+    if state not in RESTORABLE_STATES:
+        return f"state {state.name}"
+    return ""
 
 
 def _in_repair(sock: socket.socket) -> bool:
@@ -154,6 +168,20 @@ def pass_out(
     """Pass the (socket, application state) pairs; returns the result and the pairs resumed
     here (usable again by the application). The application must not touch the sockets while
     this runs. Never raises for a failed pass: the result says how each connection ended."""
+    skip = {i: why for i, (s, _) in enumerate(conns) if (why := _unpassable(s))}
+    if skip:  # not taken at all: handed back untouched, their traffic never moved
+        rest = [c for i, c in enumerate(conns) if i not in skip]
+        result, kept = pass_out(rest, destination, party, signer, isolation, switch,
+                                limits=limits, timeout_s=timeout_s, grace_s=grace_s,
+                                faults=faults) if rest else (PassResult((), {}, ""), [])
+        done_ends = iter(result.ends)
+        merged = tuple((None, End(Ending.RESUMED, f"not passable: {skip[i]}")) if i in skip
+                       else next(done_ends) for i in range(len(conns)))
+        for i, why in skip.items():
+            log.info("connection_not_passed", ending="resumed", reason=why,
+                     fd=conns[i][0].fileno())
+        return (PassResult(merged, result.timings_us, result.error),
+                [conns[i] for i in skip] + kept)
     faults = faults or Faults()
     limits = limits or Limits()
     plog = log.bind(to=f"{destination[0]}:{destination[1]}", destination=party.destination,

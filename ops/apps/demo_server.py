@@ -589,8 +589,7 @@ class DemoServer:
             self._control_slots.release()
 
     def _detach(self, count: int) -> list[Conn]:
-        live = [c for c in self.conns.values() if not c.closing]  # FIN sent: not ESTABLISHED
-        chosen = live[: count or None]
+        chosen = list(self.conns.values())[: count or None]  # half-closed ones too
         for conn in chosen:
             self.sel.unregister(conn.sock)
             del self.conns[conn.sock.fileno()]
