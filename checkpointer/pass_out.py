@@ -42,7 +42,7 @@ from kernel.pass_states import End, Ending, State, Step, Undo, advance, endings,
 from kernel.sanity import RESTORABLE_STATES
 from kernel.transfer import Envelope, Frame, Kind, Limits, Outcome, Signer, TransferError
 
-log = structlog.get_logger("tcpcp.checkpointer.pass_out")
+log = structlog.get_logger(component="tcpcp.checkpointer.pass_out")
 
 
 class PassFault(KernelError):

@@ -40,7 +40,7 @@ import structlog
 
 from kernel.errors import KernelError
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.bpfbuild")
 
 BPF_SOURCE_DIR = Path(__file__).resolve().parent / "bpf"
 ROOT_CACHE = Path("/var/cache/tcpcp/bpf")

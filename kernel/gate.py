@@ -59,7 +59,7 @@ from kernel.netns import entered
 from kernel.seq import after
 from kernel.tcfilter import Direction, TcHook, TcTarget
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.gate")
 
 GATE_PRIORITY = 0xAC00
 # A clamped ACK repeating what the wire already carries is dropped within this time of the flow's

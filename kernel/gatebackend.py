@@ -28,7 +28,7 @@ from kernel.errors import KernelError
 from kernel.gate import AckGate
 from kernel.patch_gate import Backend, PatchGate, commit_option_present, select_backend
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.gatebackend")
 
 
 def socket_flow(sock: socket.socket) -> Flow:

@@ -25,7 +25,7 @@ from kernel import repair
 from kernel.errors import KernelError
 from kernel.ici import Family, Identity
 
-log = structlog.get_logger("tcpcp.kernel.isolation")
+log = structlog.get_logger(component="tcpcp.kernel.isolation")
 
 
 class IsolationError(KernelError):

@@ -28,7 +28,7 @@ import structlog
 from kernel.errors import KernelError
 from kernel.seq import after
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.patch_gate")
 
 # include/uapi/linux/tcp.h of the series (out-of-tree numbers, far above mainline's)
 TCP_COMMIT_SEQ = 200

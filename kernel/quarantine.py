@@ -22,7 +22,7 @@ from kernel.errors import KernelError
 from kernel.libbpf import BPF_NOEXIST, BpfMap, BpfObject
 from kernel.tcfilter import Direction, TcHook, TcTarget
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.quarantine")
 
 QUARANTINE_PRIORITY = 0xAC01
 

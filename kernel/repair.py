@@ -99,7 +99,7 @@ from kernel.ici import (
 )
 from kernel.sanity import Ecn, RestorePolicy, check
 
-log = structlog.get_logger("tcpcp.kernel.repair")
+log = structlog.get_logger(component="tcpcp.kernel.repair")
 
 SOL_TCP = socket.IPPROTO_TCP
 TCP_REPAIR = 19

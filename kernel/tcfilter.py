@@ -21,7 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from kernel.errors import KernelError
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.kernel.tcfilter")
 
 _TC_H_CLSACT = 0xFFFFFFF1
 _ETH_P_ALL = 0x0003

@@ -50,7 +50,7 @@ from pyroute2 import IPRoute
 from kernel.ici import Identity
 from ops import announce, labfilter, netns
 
-log = structlog.get_logger("tcpcp.lab")
+log = structlog.get_logger(component="tcpcp.lab")
 
 REGISTRY_DIR = "/run/tcpcp-lab"
 _TC_H_CLSACT = 0xFFFFFFF1

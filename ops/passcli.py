@@ -31,7 +31,7 @@ from kernel.ici import Identity
 from ops.apps import demo_server
 from ops.apps.demo_server import flow_from_json, flow_json
 
-log = structlog.get_logger("tcpcp.pass")
+log = structlog.get_logger(component="tcpcp.pass")
 
 
 class Switch(Protocol):

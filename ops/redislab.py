@@ -27,7 +27,7 @@ import structlog
 from ops import netns
 from ops.lab import Lab
 
-log = structlog.get_logger("tcpcp.redislab")
+log = structlog.get_logger(component="tcpcp.redislab")
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"

@@ -34,7 +34,7 @@ from kernel.isolation import FlowIsolation
 from kernel.sanity import RestorePolicy
 from kernel.transfer import Acceptance, Frame, Kind, Limits, Outcome, ReplayGuard, Signer
 
-log = structlog.get_logger("tcpcp.resurrector.receive")
+log = structlog.get_logger(component="tcpcp.resurrector.receive")
 
 
 @dataclass(frozen=True, slots=True)

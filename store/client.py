@@ -58,7 +58,7 @@ from store.keys import META_PATTERN, OriginKeys, check_name, keys_of, origin_of_
 from store.record import Checkpoint, RecordHeader, decode, encode, read_header
 from store.signing import KeyRing
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.store.client")
 
 LIBRARY_SOURCE = resources.files("store").joinpath("functions.lua").read_text(encoding="utf-8")
 _version_match = re.search(r"^local LIBRARY_VERSION = (\d+)$", LIBRARY_SOURCE, re.MULTILINE)

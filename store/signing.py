@@ -23,7 +23,7 @@ import structlog
 
 from store.errors import SigningKeyError
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.store.signing")
 
 MIN_SECRET_BYTES = 16
 MAX_KEY_ID_BYTES = 64

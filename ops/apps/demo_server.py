@@ -62,7 +62,7 @@ from kernel.transfer import Acceptance, Limits, TransferError
 from resurrector.receive import ReceiveFaults, Receiver
 from store.signing import KeyRing, load_keyring
 
-log = structlog.get_logger("tcpcp.demo")
+log = structlog.get_logger(component="tcpcp.demo")
 
 T = TypeVar("T")
 _CYCLE = bytes(range(251)) * 300

@@ -43,7 +43,7 @@ from kernel.seq import seq_diff
 from ops import gatelab, netns
 from ops.lab import Lab
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.ops.bench.ackgate")
 
 _UPLOAD = r"""
 import socket, sys

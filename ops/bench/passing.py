@@ -31,7 +31,7 @@ from kernel.isolation import FlowIsolation, GateIsolation, Isolation, flow_of
 from kernel.sanity import RestorePolicy
 from ops.lab import Lab
 
-log = structlog.get_logger("tcpcp.bench.passing")
+log = structlog.get_logger(component="tcpcp.bench.passing")
 BASE_PORT = 9300
 
 

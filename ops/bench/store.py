@@ -42,7 +42,7 @@ from store.keys import OriginKeys
 from store.record import Checkpoint, encode
 from store.signing import KeyRing
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.ops.bench.store")
 
 SIZES = {"256": 256, "1k": 1024, "4k": 4096, "64k": 65536}
 

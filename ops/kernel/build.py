@@ -36,7 +36,7 @@ import structlog
 
 from ops.kernel.errors import BuildFailed, SourceUnavailable
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.ops.kernel.build")
 
 REPO = Path(__file__).resolve().parents[2]
 PATCHES = REPO / "kernel" / "patches"

@@ -33,7 +33,7 @@ from ops.kernel import initramfs
 from ops.kernel.build import REPO, cache_dir
 from ops.kernel.errors import GuestFailed
 
-log = structlog.get_logger()
+log = structlog.get_logger(component="tcpcp.ops.kernel.qemu")
 
 QEMU = "qemu-system-x86_64"
 KERNEL_PROBLEMS = ("Kernel panic", "Oops:", "BUG: ", "WARNING: CPU:",

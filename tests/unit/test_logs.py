@@ -43,3 +43,23 @@ def test_environment_selects_format_and_bad_values_are_refused(
         logs.configure("json", "loud")
     with pytest.raises(ValueError, match="log format must be"):
         logs.configure("xml", "info")
+
+
+def test_every_module_logger_says_which_component_it_is() -> None:
+    """Loggers are named: each module's lines carry component="tcpcp.<layer>..."."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    unnamed = [f"{p.relative_to(root)}:{i}"
+               for layer in ("kernel", "store", "checkpointer", "resurrector", "ops")
+               for p in sorted((root / layer).rglob("*.py"))
+               for i, line in enumerate(p.read_text().splitlines(), 1)
+               if "structlog.get_logger(" in line and 'component="tcpcp.' not in line]
+    assert unnamed == []
+
+
+def test_the_component_name_is_on_every_line(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("json", "info")
+    structlog.get_logger(component="tcpcp.test").bind(conn="a>b").info("restored")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["component"] == "tcpcp.test" and line["conn"] == "a>b"
