@@ -257,14 +257,13 @@ def run_store(the_lab: Lab, steps: Steps, srv: RedisServer) -> None:
         box: list[int] = []
         name = the_lab.call("origin", checkpoint, box)
         steps.check(True, f"origin (epoch {box[0]}) checkpointed {name} into {srv.url}, signed")
-        time.sleep(1.2)  # the origin stops renewing: its lease runs out
-
-        def claim() -> int:
+        def claim() -> int:  # refused (LeaseHeld) until the origin's unrenewed lease runs out
             with CheckpointStore.connect(config, keys) as st:
                 return st.claim(origin_name, "resurrector@standby", seen_epoch=box[0],
                                 ttl_ms=5000)
 
-        new_epoch = the_lab.call("standby", claim)
+        new_epoch = wait_until(lambda: the_lab.call("standby", claim), 10,
+                               what="the standby's claim once the origin's lease expired")
         steps.check(new_epoch > box[0], f"standby claimed the origin: epoch {box[0]} -> "
                                         f"{new_epoch} (fencing token)")
 
