@@ -324,10 +324,11 @@ class Capture:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stream = PcapStream()
         self._raw = bytearray()
+        self._parsed = 0  # bytes of _raw fed to _stream
         self._segments: list[Segment] = []
-        self._markers: set[bytes] = set()
+        self._pending: set[bytes] = set()  # flush markers sent, not yet seen
+        self._markers: set[bytes] = set()  # flush markers seen
         self._lock = threading.Lock()
-        self._grew = threading.Condition(self._lock)
         self._stderr = bytearray()
         self._listening = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -384,21 +385,15 @@ class Capture:
             while chunk := os.read(fd, 1 << 20):
                 if sink is not None:
                     sink.write(chunk)
-                records = self._stream.feed(chunk)
-                linktype = self._stream.linktype
-                new: list[Segment] = []
-                marks: list[bytes] = []
-                for r in records:
-                    assert linktype is not None
-                    if (nonce := marker_nonce(r.data, linktype)) is not None:
-                        marks.append(nonce)
-                    elif (s := parse_frame(r.data, linktype, r.at, r.wire_len)) is not None:
-                        new.append(s)
-                with self._grew:
+                with self._lock:
+                    # no parsing here (it would take CPU from what is being measured): the
+                    # segments are parsed when asked for; a marker is found by its bytes
+                    tail = len(self._raw) - len(_MARKER_TAG) - 16
                     self._raw += chunk
-                    self._segments.extend(new)
-                    self._markers.update(marks)
-                    self._grew.notify_all()
+                    window = bytes(self._raw[max(0, tail):])
+                    for nonce in [n for n in self._pending if _MARKER_TAG + n in window]:
+                        self._pending.discard(nonce)
+                        self._markers.add(nonce)
         except BaseException as exc:  # reported by stop() and wait_for()
             self._reader_error = exc
         finally:
@@ -421,6 +416,8 @@ class Capture:
         """Wait until every packet that crossed the interface before this call has been read
         (a marker frame sent now has come back); False when the marker never came back."""
         nonce = secrets.token_bytes(16)
+        with self._lock:
+            self._pending.add(nonce)
         try:
             self._send_marker(nonce)
         except OSError:
@@ -491,13 +488,24 @@ class Capture:
     def segments(self, src: str | None = None, since: int = 0) -> list[Segment]:
         """The segments captured so far (since a mark(); only those from address src)."""
         with self._lock:
+            self._parse()
             found = self._segments[since:]
         return [s for s in found if src is None or s.src == src]
 
     def mark(self) -> int:
         """A position in the capture, for segments(since=...) and wait_for(since=...)."""
         with self._lock:
+            self._parse()
             return len(self._segments)
+
+    def _parse(self) -> None:
+        """Parse what arrived since the last call (the lock held)."""
+        if self._parsed == len(self._raw):
+            return
+        records = self._stream.feed(bytes(self._raw[self._parsed:]))
+        self._parsed = len(self._raw)
+        if records:
+            self._segments.extend(self._stream.segments(records))
 
     def wait_for(self, test: Callable[[Segment], object], since: int = 0,
                  timeout: float = 10.0, what: str = "") -> Segment:
