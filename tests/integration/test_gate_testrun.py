@@ -17,6 +17,7 @@ from kernel.bpf import layout
 from kernel.bpf.layout import Flow, flow_key
 from kernel.libbpf import BpfObject
 from kernel.seq import after
+from ops import capture
 from tests.integration.gatepackets import (
     ACK,
     FIN,
@@ -43,12 +44,26 @@ PACKETS_PER_SEED = 2500
 
 
 @pytest.fixture(scope="module")
-def gate() -> Iterator[BpfObject]:
+def gate_object() -> Iterator[BpfObject]:
     with BpfObject(bpfbuild.object_bytes("gate"), "gate") as obj:
-        # duplicate clamped ACKs are always "recent": the model drops every one
-        forever = layout.new("struct gate_settings", dup_holdoff_ns=1 << 62)
-        obj.map("gate_settings").update(struct.pack("=I", 0), layout.to_bytes(forever))
         yield obj
+
+
+def _reset(gate: BpfObject) -> None:
+    """Every map emptied; duplicate clamped ACKs always "recent" (the model drops every one)."""
+    for name in ("gate_flows", "gate_states", "guarded_ports"):
+        m = gate.map(name)
+        for key in list(m.keys()):
+            m.delete(key)
+    _set_holdoff(gate, 1 << 62)
+
+
+@pytest.fixture
+def gate(gate_object: BpfObject) -> BpfObject:
+    """The module's loaded gate, reset: no test sees another's flows, states or counters, so
+    one failing test leaves nothing behind for the next."""
+    _reset(gate_object)
+    return gate_object
 
 
 def _flow(fid: FlowId) -> Flow:
@@ -172,10 +187,9 @@ def _spec_breaches(seg: Segment, out: bytes, cfg: FlowConfig | None) -> list[str
     edge not before the kernel's (unless the window is capped)."""
     if cfg is None or cfg.flags != 1:
         return []
-    p = parse_frame(out)
-    ack = struct.unpack_from("!I", out, p.l4 + 8)[0]
-    doff_flags, window = struct.unpack_from("!HH", out, p.l4 + 12)
-    options = out[p.l4 + 20:p.l4 + (doff_flags >> 12) * 4]
+    got = capture.parse_frame(out)
+    assert got is not None, "the gate's output is no TCP frame"
+    ack, window, options = got.ack, got.window, got.options
     breaches = []
     if any(kind == 5 for _, kind, _ in walk_options(options)):
         breaches.append("SACK block left")
@@ -198,12 +212,8 @@ def _without_checksum(frame: bytes) -> bytes:
 def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int) -> None:
     rng = random.Random(seed)
     model = GateModel(guarded_ports={GUARDED_PORT})
-    flows_map = gate.map("gate_flows")
     states_map = gate.map("gate_states")
     ports_map = gate.map("guarded_ports")
-    for m in (flows_map, states_map, ports_map):
-        for key in list(m.keys()):
-            m.delete(key)
     ports_map.update(struct.pack("=I", GUARDED_PORT), struct.pack("=I", 1))
     rewritten = untouched = sackperm_stripped = checked = 0
     for kind, item in _scenario(rng):
@@ -245,9 +255,6 @@ def test_gate_rewrites_exactly_as_the_reference_model(gate: BpfObject, seed: int
 
 def test_flow_not_in_the_map_passes_byte_identical(gate: BpfObject) -> None:
     rng = random.Random(99)
-    for m in (gate.map("gate_flows"), gate.map("guarded_ports")):
-        for key in list(m.keys()):
-            m.delete(key)
     for _ in range(500):
         version = rng.choice([4, 6])
         src, dst = _addresses(rng, version)
@@ -287,11 +294,10 @@ def _hyp_options(ts: tuple[int, int] | None, blocks: int) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(segments)
 def test_single_segment_of_a_fresh_flow_matches_the_model(
-        gate: BpfObject, case: tuple[Segment, FlowConfig]) -> None:
+        gate_object: BpfObject, case: tuple[Segment, FlowConfig]) -> None:
+    gate = gate_object  # reset per example (a function-scoped fixture would not be)
     seg, cfg = case
-    for m in (gate.map("gate_flows"), gate.map("gate_states")):
-        for key in list(m.keys()):
-            m.delete(key)
+    _reset(gate)
     fid = (seg.src, seg.sport, seg.dst, seg.dport)
     _set_config(gate, fid, cfg)
     model = GateModel(flows={fid: cfg})
@@ -316,10 +322,8 @@ def test_duplicate_clamped_ack_is_dropped_only_within_the_holdoff(gate: BpfObjec
     moved_on = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 51_280, ACK, 90, opts)
     try:
         for holdoff, second in ((0, TC_ACT_OK), (1 << 62, TC_ACT_SHOT)):
+            _reset(gate)
             _set_holdoff(gate, holdoff)
-            for m in (gate.map("gate_flows"), gate.map("gate_states")):
-                for key in list(m.keys()):
-                    m.delete(key)
             _set_config(gate, fid, FlowConfig(40_000, 7, 1))
             first = gate.test_run("gate_egress", build_frame(ack))
             again = gate.test_run("gate_egress", build_frame(moved_on))
@@ -336,9 +340,6 @@ def test_keepalive_or_window_probe_leaves_clamped_even_within_the_holdoff(
     opts = b"\x01\x01" + struct.pack("!BBII", 8, 10, 7, 9)
     ack = Segment(fid[0], fid[2], fid[1], fid[3], 1000, 50_000, ACK, 100, opts)
     probe = Segment(fid[0], fid[2], fid[1], fid[3], 999, 50_000, ACK, 100, opts)
-    for m in (gate.map("gate_flows"), gate.map("gate_states")):
-        for key in list(m.keys()):
-            m.delete(key)
     _set_config(gate, fid, FlowConfig(40_000, 7, 1))
     runs = [gate.test_run("gate_egress", build_frame(seg)) for seg in (ack, ack, probe, probe)]
     assert [r.retval for r in runs] == [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_OK, TC_ACT_OK]
@@ -364,8 +365,6 @@ def test_syn_to_a_guarded_port_loses_sack_permitted_and_every_other_packet_passe
         gate: BpfObject) -> None:
     rng = random.Random(7)
     ports_map = gate.map("guarded_ports")
-    for key in list(ports_map.keys()):
-        ports_map.delete(key)
     ports_map.update(struct.pack("=I", GUARDED_PORT), struct.pack("=I", 1))
     stripped = untouched = 0
     for seg in _syn_scenario(rng):
