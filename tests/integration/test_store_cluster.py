@@ -18,13 +18,23 @@ from tests.integration.store_support import LocalRedis, keyring, start_cluster  
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[list[LocalRedis]]:
+def cluster_nodes() -> Iterator[list[LocalRedis]]:
     nodes = start_cluster(3)
     try:
         yield nodes
     finally:
         for n in nodes:
             n.close()
+
+
+@pytest.fixture
+def cluster(cluster_nodes: list[LocalRedis]) -> list[LocalRedis]:
+    """The module's cluster emptied (keys and the test's ACL user; the function library
+    stays): counts a test asserts are its own, whatever ran or failed before it."""
+    for n in cluster_nodes:
+        n.admin().flushall()
+        n.admin().execute_command("ACL", "DELUSER", "tcpcp")
+    return cluster_nodes
 
 
 def owner_port(nodes: list[LocalRedis], origin: str) -> int:
