@@ -6,12 +6,10 @@ behind (no pins, no filters)."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,9 @@ from pyroute2 import IPRoute
 from kernel.bpf.layout import Flow
 from kernel.tcfilter import Direction
 from ops import gatelab as G
+from ops.kernel.structs import tcp_info
 from ops.lab import Lab
+from ops.wait import wait_until
 
 PORT = 5800
 REPO = Path(__file__).resolve().parents[2]
@@ -127,11 +127,6 @@ def _gate_filters(lab: Lab) -> list[str]:
         return sorted(names)
 
 
-def _peer_bytes_acked(lab: Lab) -> int:
-    out = lab.run("peer", ["ss", "-tin", "dst", f"{lab.service(4)}:{PORT}"], capture_output=True,
-                  text=True, check=True).stdout
-    m = re.search(r"\bbytes_acked:(\d+)", out)
-    return int(m.group(1)) if m else 0
 
 
 def _connect(service: str) -> socket.socket:
@@ -150,11 +145,10 @@ def _read(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-def _wait_acked(lab: Lab, want: int, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (got := _peer_bytes_acked(lab)) != want and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return got
+def _wait_acked(peer: socket.socket, want: int, timeout: float = 10.0) -> None:
+    """Until the peer's bytes_acked (counting the SYN) is want."""
+    wait_until(lambda: tcp_info(peer).tcpi_bytes_acked == want, timeout,
+               what=f"the peer's bytes_acked at {want}")
 
 
 def test_restarted_gate_takes_over_the_flows_a_killed_one_held_at_their_last_commit(
@@ -177,21 +171,25 @@ def test_restarted_gate_takes_over_the_flows_a_killed_one_held_at_their_last_com
         peer.sendall(b"a" * 6000)
         assert _read(conn, 6000) == b"a" * 6000
         assert first.commit(flow, base + 2000) is True
-        assert _wait_acked(lab, 1 + 2000) == 1 + 2000  # bytes_acked counts the SYN
+        _wait_acked(peer, 1 + 2000)  # bytes_acked counts the SYN
+        retransmitted = tcp_info(peer).tcpi_total_retrans
 
         first.kill()
         assert _gate_filters(lab) == ["EGRESS:tcpcp_gate", "INGRESS:tcpcp_gate_syn"]
         assert sorted(p.name for p in pin_dir.iterdir()) == sorted(
             ["gate_flows", "gate_settings", "gate_states", "guarded_ports"])
-        time.sleep(0.5)  # the peer's retransmissions of its held bytes get clamped ACKs
-        assert _peer_bytes_acked(lab) == 1 + 2000  # nobody commits: held at the last commit
+        # the peer retransmits its held bytes; the origin's answer must stay clamped
+        wait_until(lambda: tcp_info(peer).tcpi_total_retrans > retransmitted, 10,
+                   what="the peer retransmitting its held bytes")
+        G.observe_for(0.2)  # the answer (RTT well under 1 ms) has come if it was to come
+        assert tcp_info(peer).tcpi_bytes_acked == 1 + 2000  # nobody commits: held there
 
         second = Checkpointer(lab, bpffs, 0)
         assert second.hello == {"reattached": True, "pin_dir": str(pin_dir)}
         assert second.config(flow) == (base + 2000) & 0xFFFFFFFF
         assert _gate_filters(lab) == ["EGRESS:tcpcp_gate", "INGRESS:tcpcp_gate_syn"]
         assert second.commit(flow, base + 6000) is True  # a forced ACK from the taken-over state
-        assert _wait_acked(lab, 1 + 6000) == 1 + 6000
+        _wait_acked(peer, 1 + 6000)
         sending = lab.submit("peer", peer.sendall, b"b" * 30_000)
         got = 0
         while got < 30_000:  # commits keep pace with the data
@@ -202,7 +200,7 @@ def test_restarted_gate_takes_over_the_flows_a_killed_one_held_at_their_last_com
         sending.result(timeout=10)
         conn.sendall(b"d" * 1000)
         assert _read(peer, 1000) == b"d" * 1000
-        assert _wait_acked(lab, 1 + 36_000) == 1 + 36_000
+        _wait_acked(peer, 1 + 36_000)
 
         # the guarded port survived too: a new connection is gated from its SYN-ACK
         accept = lab.submit("origin", srv.accept)
