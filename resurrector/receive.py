@@ -65,10 +65,14 @@ class Receiver:
         self._guard = ReplayGuard(acceptance)
         self._lock = threading.Lock()
 
-    def serve(self, ctl: socket.socket, *, faults: ReceiveFaults | None = None
+    def serve(self, ctl: socket.socket, *, faults: ReceiveFaults | None = None,
+              adopt: Callable[[list[tuple[socket.socket, bytes]]], None] | None = None
               ) -> list[tuple[socket.socket, bytes]]:
         """One pass on an accepted transfer connection; returns the live sockets with their
-        application states ([] when aborted). TransferError when the batch itself is refused."""
+        application states ([] when aborted). TransferError when the batch itself is refused.
+
+        adopt(live) hands the live sockets to the application before DONE is answered, so once
+        the origin hears DONE the connections are served here (and can be passed on again)."""
         faults = faults or ReceiveFaults()
         batch = channel.recv_frame(ctl, Kind.BATCH, self.signer, self.limits,
                                    timeout_s=self.timeout_s)
@@ -139,6 +143,11 @@ class Receiver:
                 clog.error("activated_with_error", error=str(exc))
             self._unquarantine([r.ici.identity])
         self._unquarantine_later([r.ici.identity for i, r, _ in restored if i in dict(failed)])
+        if adopt is not None and live:
+            try:
+                adopt(live)
+            except Exception as exc:  # live here whatever the application did with them
+                rlog.error("adopt_failed", error=str(exc), live=len(live))
         if faults.step != "no_done":
             with contextlib.suppress(OSError, KernelError):
                 channel.send_frame(ctl, self._answer(Kind.DONE, env, Outcome(

@@ -520,16 +520,18 @@ class DemoServer:
     def _receive_in_thread(self, ctl: socket.socket, addr: object,
                            fault: ReceiveFaults | None) -> None:
         try:
+            def adopt(live: list[tuple[socket.socket, bytes]]) -> None:
+                decoded = [(s, AppState.decode(raw)) for s, raw in live]  # checked at restore
+
+                def on_loop() -> None:
+                    for sock, state in decoded:
+                        self._adopt(sock, state)
+
+                self.call(on_loop)
+
             with ctl:
                 assert self.receiver is not None
-                live = self.receiver.serve(ctl, faults=fault)
-            decoded = [(s, AppState.decode(raw)) for s, raw in live]  # checked before restore
-
-            def adopt() -> None:
-                for sock, state in decoded:
-                    self._adopt(sock, state)
-
-            self.call(adopt)
+                self.receiver.serve(ctl, faults=fault, adopt=adopt)
         except (TransferError, OSError, KernelError) as exc:
             self.transfers_refused += 1
             log.warning("transfer_refused", sender=str(addr), error=str(exc))

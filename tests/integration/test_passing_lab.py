@@ -54,8 +54,8 @@ def tcpcp_pass(lab: Lab, control: str, src: str, dst: str, family: int = 4, *,
 
 
 def passed(report: dict[str, Any], n: int) -> None:
-    assert report["event"] == "passed", report
-    assert report["passed"] == n, report
+    assert report["event"] == "passed", json.dumps(report)
+    assert report["passed"] == n, json.dumps(report)
 
 
 def pass_cli(*args: str) -> subprocess.CompletedProcess[str]:
