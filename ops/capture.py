@@ -306,7 +306,7 @@ _STATS = re.compile(rb"(\d+) packets? (captured|received by filter|dropped by ke
 
 class Capture:
     """tcpdump on `interface` inside namespace `ns` (None: this process's namespace), keeping
-    what matches `bpf_filter`. Segments are parsed as they arrive (segments(), wait_for());
+    what matches `bpf_filter`. What arrived so far can be read at any time (segments(), wait_for());
     after stop() the capture holds everything that crossed the interface before stop().
     path: also write the raw pcap there (for a person to open)."""
 

@@ -88,8 +88,10 @@ def ask_name(address: str, port: int, timeout: float = 2.0) -> str | None:
         return data.decode()  # empty: something answered that is no NameServer
 
 
-def reachable(lab: Lab, src: str, address: str, port: int, timeout: float = 1.0) -> str | None:
-    """Which host answers `address:port` as seen from lab host `src` (None: unreachable)."""
+def reachable(lab: Lab, src: str, address: str, port: int, timeout: float = 5.0) -> str | None:
+    """Which host answers `address:port` as seen from lab host `src` (None: unreachable).
+    timeout bounds a connection that gets no answer at all: a check expecting silence (a
+    partition) passes a short one; the default leaves a loaded machine time to answer."""
     return lab.call(src, ask_name, address, port, timeout)
 
 
