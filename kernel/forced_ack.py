@@ -18,9 +18,9 @@ from types import TracebackType
 from kernel.bpf.layout import Flow
 from kernel.errors import KernelError
 from kernel.netns import entered
+from kernel.segment import ACK, tcp_packet
 from kernel.seq import seq_diff
 
-_ACK = 0x10
 MAX_WINDOW = 0xFFFF
 
 
@@ -46,39 +46,16 @@ def ack_window(rcv_edge: int, ack: int, wscale: int) -> int:
     return min(MAX_WINDOW, -(-span >> wscale))
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return 0xFFFF - total
-
-
 def build_ack(spec: AckSpec) -> bytes:
     """The IP packet (IPv4 or IPv6 header + TCP header, checksum filled in) for spec."""
     f = spec.flow
     options = b""
     if spec.tsval is not None:
         options = b"\x01\x01" + struct.pack("!BBII", 8, 10, spec.tsval, spec.tsecr)
-    doff = (20 + len(options)) // 4
     if not 0 <= spec.window <= MAX_WINDOW:
         raise ForcedAckError(f"window must be in 0..{MAX_WINDOW}, got {spec.window}")
-    tcp = struct.pack("!HHIIBBHHH", f.local_port, f.remote_port, spec.seq, spec.ack, doff << 4,
-                      _ACK, spec.window, 0, 0) + options
-    src, dst = f.local_addr.packed, f.remote_addr.packed
-    if f.local_addr.version == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-    else:
-        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), socket.IPPROTO_TCP)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    if f.local_addr.version == 4:
-        # id 0, total length and header checksum are filled in by the kernel (IP_HDRINCL)
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64,
-                         socket.IPPROTO_TCP, 0, src, dst)
-    else:
-        ip = struct.pack("!IHBB16s16s", 0x60000000, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    return ip + tcp
+    return tcp_packet(f.local_addr.packed, f.remote_addr.packed, f.local_port, f.remote_port,
+                      spec.seq, spec.ack, ACK, spec.window, options)
 
 
 class RawSender:

@@ -71,3 +71,11 @@ def test_forced_ack_is_a_pure_ack_with_a_valid_checksum(
     else:
         pseudo = local.packed + remote.packed + struct.pack("!IxxxB", len(tcp), 6)
     assert _sum16(pseudo + tcp) == 0xFFFF
+
+
+@given(st.binary(min_size=0, max_size=300))
+def test_the_checksum_of_data_with_its_checksum_folded_in_is_zero(data: bytes) -> None:
+    from kernel.segment import checksum
+
+    padded = data + b"\0" * (len(data) % 2)
+    assert checksum(padded + checksum(padded).to_bytes(2, "big")) == 0
