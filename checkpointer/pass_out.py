@@ -100,7 +100,7 @@ def _unpassable(sock: socket.socket) -> str:
     """Why a socket cannot be passed ('' when it can): not connected, or in a state the
     kernel layer does not recreate (a closed one, one still in its handshake)."""
     try:
-        sock.getpeername()
+        flow_of(sock)
         state = repair.tcp_state(sock)
     except (OSError, ValueError) as exc:
         return f"not connected ({exc})"
@@ -187,7 +187,11 @@ def pass_out(
     plog = log.bind(to=f"{destination[0]}:{destination[1]}", destination=party.destination,
                     epoch=party.epoch, count=len(conns))
     socks = [s for s, _ in conns]
-    flows = [flow_of(s) for s in socks]
+    try:
+        flows = [flow_of(s) for s in socks]
+    except OSError:  # one went away since _unpassable looked: look again, it will be skipped
+        return pass_out(conns, destination, party, signer, isolation, switch, limits=limits,
+                        timeout_s=timeout_s, grace_s=grace_s, faults=faults)
     t = {"start": time.perf_counter()}
     state = State.CHOSEN
     ctl: socket.socket | None = None
