@@ -16,7 +16,8 @@ dump:     TCP_INFO (state, options, window scales) and the kept socket options, 
 restore:  sanity check; socket; SO_REUSEADDR; TCP_REPAIR=1 (forces port reuse);
           IP_TRANSPARENT; buffers; TCP_QUEUE_SEQ of both queues; TCP_MAXSEG (before connect);
           bind; connect (no SYN);
-          TCP_REPAIR_OPTIONS; TCP_TIMESTAMP (checkpoint + elapsed + margin); receive queue;
+          TCP_REPAIR_OPTIONS (TCPOPT_ECN_REPAIR too for an ECN flow, where the kernel has
+          kernel/patches/0005); TCP_TIMESTAMP (checkpoint + elapsed + margin); receive queue;
           sent part of the send queue; TCP_REPAIR_WINDOW (after the receive queue);
           QUEUE=none; kept socket options.
 activate: the FINs of a half-closed connection (below); TCP_REPAIR=0 (window probe) or -1;
@@ -113,6 +114,10 @@ NO_QUEUE, RECV_QUEUE, SEND_QUEUE = 0, 1, 2
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 SIOCGSKNS = 0x894C  # an fd of the socket's network namespace
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPOPT_ECN_REPAIR = 0x100
+"""TCP_REPAIR_OPTIONS code of kernel/patches/0005: its value is the ECN part of tcpi_options
+(TCPI_OPT_ECN sets TCP_ECN_OK). A kernel without the patch accepts the code and ignores it."""
+TCPI_OPT_ECN = 8
 MAX_TCP_MAXSEG = 32767
 """setsockopt(TCP_MAXSEG) refuses more; TCP_REPAIR_OPTIONS sets the full clamp after connect."""
 SO_BUF_LOCK = 72
@@ -345,9 +350,52 @@ def discard(sock: socket.socket) -> None:
     sock.close()
 
 
+_ECN_PROBE_PEERS = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+_ecn_restorable: bool | None = None
+
+
+def kernel_restores_ecn() -> bool:
+    """Whether this kernel gives a repaired socket its ECN state (kernel/patches/0005),
+    probed once per process and cached.
+
+    No error tells: a stock kernel accepts the unknown TCP_REPAIR_OPTIONS code and ignores it
+    (measured on 6.18 and in the stock guest), so the probe looks at the effect. A throwaway
+    socket is connected in repair mode to loopback (no SYN leaves), given TCPOPT_ECN_REPAIR,
+    and asked through TCP_INFO whether it now has TCPI_OPT_ECN; it is closed in repair mode,
+    silently. A kernel refusing the option (EINVAL) cannot restore ECN either. Where no
+    loopback is reachable (a namespace with lo down) nothing is cached and the answer is False.
+    """
+    global _ecn_restorable
+    if _ecn_restorable is None:
+        answer = _probe_ecn_repair()
+        if answer is None:
+            return False
+        _ecn_restorable = answer
+        log.info("ecn_repair_probed", restores_ecn=answer)
+    return _ecn_restorable
+
+
+def _probe_ecn_repair() -> bool | None:
+    option = ffi.new(_OPTS, [(TCPOPT_ECN_REPAIR, TCPI_OPT_ECN)])
+    for af, addr in _ECN_PROBE_PEERS:
+        with socket.socket(af, socket.SOCK_STREAM) as sock:  # closed in repair mode: silent
+            try:
+                sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_ON)
+                sock.connect((addr, 9))  # no SYN in repair mode; no listener needed
+            except OSError:
+                continue
+            try:
+                sock.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, bytes(ffi.buffer(option)))
+            except OSError:
+                return False
+            return bool(tcp_info(sock).tcpi_options & TCPI_OPT_ECN)
+    return None
+
+
 @functools.lru_cache(maxsize=1024)
-def _repair_options(params: Params) -> bytes:
-    """The TCP_REPAIR_OPTIONS array for params (few distinct ones per host: cached)."""
+def _repair_options(params: Params, ecn: bool = False) -> bytes:
+    """The TCP_REPAIR_OPTIONS array for params (few distinct ones per host: cached); with ecn
+    (the flow negotiated ECN and kernel_restores_ecn()) also TCPOPT_ECN_REPAIR."""
     # TCPOPT_WINDOW always: connect() in repair mode leaves the locally chosen receive scale
     # in place, so an unscaled connection must be told 0/0 or it advertises windows >> 7.
     opts = [(TCPOPT_MSS, params.mss_clamp),
@@ -357,6 +405,8 @@ def _repair_options(params: Params) -> bytes:
         opts.append((TCPOPT_SACK_PERM, 0))
     if flags & TcpOption.TIMESTAMPS:
         opts.append((TCPOPT_TIMESTAMP, 0))
+    if ecn:
+        opts.append((TCPOPT_ECN_REPAIR, TCPI_OPT_ECN))
     arr = ffi.new(_OPTS, opts)
     return bytes(ffi.buffer(arr))
 
@@ -422,9 +472,12 @@ def restore(
     Raises IciRejected (nothing created) if the ICI fails the policy, RepairError (the socket
     closed silently) if the kernel refuses a step. With PortMode.PREBOUND pass the bound socket.
     The timestamp clock continues from the checkpoint: value + (now - read instant) + margin.
+    A flow that negotiated ECN gets it back where kernel_restores_ecn(); elsewhere policy.ecn
+    decides (refused, or restored without ECN).
     """
-    check(ici, policy)
-    if TcpOption.ECN in ici.params.options and policy.ecn is Ecn.DOWNGRADE:
+    ecn = TcpOption.ECN in ici.params.options and kernel_restores_ecn()
+    check(ici, policy, kernel_restores_ecn=ecn)
+    if TcpOption.ECN in ici.params.options and not ecn and policy.ecn is Ecn.DOWNGRADE:
         log.warning("ecn_downgraded", conn=str(ici.identity),
                     detail="the kernel cannot restore ECN: the flow continues without it")
     if (sock is not None) != (port_mode is PortMode.PREBOUND):
@@ -467,7 +520,7 @@ def restore(
         step = "connect"  # no SYN in repair mode
         sock.connect((socket.inet_ntop(af, ident.peer_addr), ident.peer_port))
         step = "TCP_REPAIR_OPTIONS"
-        setopt(SOL_TCP, TCP_REPAIR_OPTIONS, _repair_options(params))
+        setopt(SOL_TCP, TCP_REPAIR_OPTIONS, _repair_options(params, ecn))
         if params.options & TcpOption.TIMESTAMPS:
             step = "TCP_TIMESTAMP"
             now = time.time_ns() // 1_000_000 if now_ms is None else now_ms

@@ -16,6 +16,11 @@ early) and never echoes ECE, so the peer stops reacting to congestion marks: tha
 for the network, not only for this connection. Hence RestorePolicy.ecn, default REFUSE
 (IciRejected "ecn"); DOWNGRADE restores the flow without ECN and logs a warning, for an
 operator who prefers the connection to the marks.
+
+kernel/patches/0005 adds TCPOPT_ECN_REPAIR to TCP_REPAIR_OPTIONS, which sets TCP_ECN_OK on the
+repaired socket. kernel.repair probes for it (kernel_restores_ecn) and passes the answer to
+check(): where the kernel restores ECN, an ECN flow is accepted under either policy and comes
+back with ECN; RestorePolicy.ecn only decides where it cannot.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ RESTORABLE_STATES = frozenset({TcpState.ESTABLISHED}) | HALF_CLOSED_STATES
 
 
 class Ecn(enum.Enum):
-    """What to do with a flow that negotiated ECN, which no stock kernel can restore."""
+    """What to do with a flow that negotiated ECN on a kernel that cannot restore it (every
+    stock kernel; one with kernel/patches/0005 restores it whatever this says)."""
 
     REFUSE = "refuse"        # IciRejected: the flow is not restored
     DOWNGRADE = "downgrade"  # restored without ECN (repair.restore logs ecn_downgraded)
@@ -81,8 +87,11 @@ def _unicast(addr: bytes) -> bool:
     return addr[0] < 224 if len(addr) == 4 else addr[0] != 0xFF
 
 
-def check(ici: Ici, policy: RestorePolicy) -> None:
-    """Raise IciRejected unless the ICI is safe and possible to restore on this host."""
+def check(ici: Ici, policy: RestorePolicy, *, kernel_restores_ecn: bool = False) -> None:
+    """Raise IciRejected unless the ICI is safe and possible to restore on this host.
+
+    kernel_restores_ecn: the kernel gives a repaired socket its ECN state (kernel.repair's
+    probe); then policy.ecn does not apply."""
     ident, params, win = ici.identity, ici.params, ici.window
     if ici.state not in policy.states:
         allowed = ", ".join(sorted(s.name for s in policy.states))
@@ -94,10 +103,11 @@ def check(ici: Ici, policy: RestorePolicy) -> None:
     if not _unicast(ident.peer_addr) or ident.peer_port == 0:
         raise IciRejected("peer", f"expected a unicast peer with a port, got "
                           f"{ident.peer_ip}:{ident.peer_port}")
-    if TcpOption.ECN in params.options and policy.ecn is Ecn.REFUSE:
-        raise IciRejected("ecn", "expected a flow without ECN (the kernel cannot restore "
-                          "ECN; RestorePolicy.ecn=DOWNGRADE restores it without), got one "
-                          "that negotiated ECN")
+    if (TcpOption.ECN in params.options and not kernel_restores_ecn
+            and policy.ecn is Ecn.REFUSE):
+        raise IciRejected("ecn", "expected a flow without ECN (this kernel cannot restore "
+                          "ECN, one with kernel/patches/0005 can; RestorePolicy.ecn=DOWNGRADE "
+                          "restores it without), got one that negotiated ECN")
     if ici.fin_sent and not ici.our_fin:
         raise IciRejected("fin", f"fin_sent: expected False in {ici.state.name}, got True")
     if ici.fin_acked and not ici.fin_sent:

@@ -160,7 +160,17 @@ def test_an_ecn_flow_is_refused_by_default_and_downgraded_only_when_asked(ici: I
         ici.params, options=ici.params.options | TcpOption.ECN))
     with pytest.raises(IciRejected, match="ecn: expected a flow without ECN"):
         check(ecn, POLICY)
+    with pytest.raises(IciRejected, match="ecn: expected a flow without ECN"):
+        check(ecn, POLICY, kernel_restores_ecn=False)
     check(ecn, dataclasses.replace(POLICY, ecn=Ecn.DOWNGRADE))
+
+
+@given(sane_icis(), st.sampled_from(list(Ecn)))
+def test_an_ecn_flow_is_accepted_under_either_policy_where_the_kernel_restores_ecn(
+        ici: Ici, policy_ecn: Ecn) -> None:
+    ecn = _with(ici, params=dataclasses.replace(
+        ici.params, options=ici.params.options | TcpOption.ECN))
+    check(ecn, dataclasses.replace(POLICY, ecn=policy_ecn), kernel_restores_ecn=True)
 
 
 @given(sane_icis())
