@@ -95,6 +95,28 @@ class EpochExhausted(WriteRefused):
     """The origin's epoch is at its maximum (2**63-1, the limit of Redis counters): no new claim."""
 
 
+class OutputOffsetRefused(WriteRefused):
+    """An output log write at the wrong offset: an append must start where the log ends (a gap
+    or an overlap is refused; only an exact duplicate of a stored append is accepted again),
+    and a trim must not go past the log's end."""
+
+    def __init__(self, message: str, *, given: int, end: int) -> None:
+        super().__init__(message)
+        self.given = given
+        self.end = end
+
+
+class OutputTooLarge(WriteRefused):
+    """An output log append above one of the limits (`limit` names it: max_output_append,
+    max_output_held or max_output_entries); nothing was appended."""
+
+    def __init__(self, message: str, *, limit: str, size: int, maximum: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.size = size
+        self.maximum = maximum
+
+
 class DurabilityError(StoreError):
     """The write reached the primary but not the requested durability within the timeout.
 
@@ -135,3 +157,13 @@ class RecordBadSignature(RecordError):
 
 class RecordForeign(RecordError):
     """A record signed for another origin or connection than the one it was stored under."""
+
+
+class OutputNotHeld(RecordError):
+    """The output log does not hold the range asked for (no log, trimmed below the offset, or
+    the offset lies past its end): those outbound bytes cannot be restored from the store."""
+
+    def __init__(self, message: str, *, start: int | None, end: int | None) -> None:
+        super().__init__(message)
+        self.start = start
+        self.end = end

@@ -7,18 +7,25 @@ origin's keys share one slot and every Function call stays on one node:
     tcpcp:{origin}:lease   string holder id, with the lease TTL
     tcpcp:{origin}:rec     hash   connection name -> signed record bytes
     tcpcp:{origin}:ver     hash   connection name -> record version
+    tcpcp:{origin}:outpos  hash   connection name -> its output log's "start first end" offsets
+    tcpcp:{origin}:out:<conn>  stream  the connection's output log: one signed append per entry
+
+In an output log key the connection name is percent-escaped (IPv6 brackets become %5B, %5D):
+no key can then end like an origin's ``}:meta``, nor hold a glob character.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from store.errors import StoreConfigError
 
 PREFIX = "tcpcp"
 META_PATTERN = PREFIX + ":{*}:meta"
 _FORBIDDEN = set("{}*?[]\\")
+_CONN_SAFE = ":>.-_@!,=+"  # kept as is in output log key names; everything else is escaped
 
 
 def check_name(kind: str, name: str, max_bytes: int = 255, *, key_safe: bool = True) -> str:
@@ -72,6 +79,14 @@ class OriginKeys:
     @property
     def versions(self) -> str:
         return f"{self.tag}:ver"
+
+    @property
+    def output_positions(self) -> str:
+        return f"{self.tag}:outpos"
+
+    def output(self, conn: str) -> str:
+        """The key of connection `conn`'s output log (a stream)."""
+        return f"{self.tag}:out:{quote(conn.encode('utf-8', errors='surrogatepass'), _CONN_SAFE)}"
 
     def all(self) -> tuple[str, str, str, str]:
         """The keys in the order the Function library expects them."""

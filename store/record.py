@@ -136,17 +136,18 @@ def encode(cp: Checkpoint, keys: KeyRing, limits: Limits = DEFAULT_LIMITS) -> by
 class _Reader:
     """Bounds-checked cursor over a record; every short read is RecordTruncated."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "noun", "pos")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, noun: str = "record") -> None:
         self.data = data
+        self.noun = noun
         self.pos = 0
 
     def take(self, n: int, what: str) -> bytes:
         end = self.pos + n
         if end > len(self.data):
             raise RecordTruncated(
-                f"record ends at byte {len(self.data)}, but {what} needs bytes "
+                f"{self.noun} ends at byte {len(self.data)}, but {what} needs bytes "
                 f"{self.pos}..{end}"
             )
         chunk = self.data[self.pos:end]
