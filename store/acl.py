@@ -21,6 +21,7 @@ _BASE = (
     "+fcall", "+fcall_ro", "+function|load",    # the tcpcp library: every write, state
     # what the library itself calls: Redis checks a function's calls against the caller's ACL
     "+hget", "+hset", "+hlen", "+hdel", "+hincrby", "+get", "+set", "+del", "+pexpire", "+pttl",
+    "+xadd", "+xrange", "+xrevrange", "+xtrim", "+xlen",   # output logs
     "+hscan", "+scan",                           # reads: records, connections, origins
     "+ping", "+hello",                           # health check; server version in errors
 )

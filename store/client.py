@@ -12,6 +12,10 @@ connection in the same round trip, and a put returns only once it holds.
         state = store.state("origin-a")                  # lease expired?
         epoch = store.claim("origin-a", "standby-1", state.epoch, ttl_ms=3000)
         for item in store.records("origin-a"): ...       # verified checkpoints or refusals
+    # logged output (DESIGN.md section 5): bytes go to the log before they go to the kernel
+        store.append_output("origin-a", conn, epoch, offset, data)   # or put_with_output
+        store.trim_output("origin-a", conn, epoch, upto_offset)      # the peer acknowledged
+        data = store.read_output("origin-a", conn, peer_rcv_offset)  # resurrector: verified
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from store.errors import (
     LeaseLost,
     LibraryVersionError,
     NotOwner,
+    OutputNotHeld,
+    OutputOffsetRefused,
+    OutputTooLarge,
     RecordCorrupt,
     RecordError,
     RecordTooLarge,
@@ -55,7 +62,9 @@ from store.errors import (
     WriteRefused,
 )
 from store.keys import META_PATTERN, OriginKeys, check_name, keys_of, origin_of_meta_key
-from store.record import Checkpoint, RecordHeader, decode, encode, read_header
+from store.limits import Limits
+from store.outlog import OutputRange, decode_output, encode_output
+from store.record import U64_MAX, Checkpoint, RecordHeader, decode, encode, read_header
 from store.signing import KeyRing
 
 log = structlog.get_logger(component="tcpcp.store.client")
@@ -68,6 +77,7 @@ LIBRARY_VERSION = int(_version_match.group(1))
 PUT_BATCH = 64  # records per FCALL in put_many
 PUT_BATCH_BYTES = 256 * 1024  # and about this many record bytes
 T = TypeVar("T")
+_SUCCESS = frozenset({"OK", "DUP"})  # DUP: an output append stored already (a retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,25 @@ class PutOutcome:
     conn: str
     version: int
     error: WriteRefused | RecordTooLarge | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendOutcome:
+    """Result of one append in append_many: `error` is None when the range is in the log
+    (`duplicate`: it was already, from an earlier attempt of the same append)."""
+
+    conn: str
+    offset: int
+    error: WriteRefused | None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutputBounds:
+    """What a connection's output log holds: outbound bytes [start, end)."""
+
+    start: int
+    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +197,57 @@ def _item_refusal(status: str, origin: str, conn: str, version: int,
     return WriteRefused(f"record {origin}/{conn} refused by the store: {status}")
 
 
+def _output_refusal(status: str, origin: str, conn: str, offset: int, size: int,
+                    limits: Limits) -> WriteRefused:
+    """The refusal of one output append (a status of tcpcp_output_append)."""
+    code, _, value = status.partition(" ")
+    number = int(value) if value.isdigit() and value.isascii() else None
+    where = f"output log of {origin}/{conn}"
+    if code == "OFFSET" and number is not None:
+        return OutputOffsetRefused(
+            f"{where}: an append must start where the log ends, at {number}, got offset "
+            f"{offset} ({'a gap' if offset > number else 'an overlap'} that is not a duplicate "
+            "of a stored append)", given=offset, end=number)
+    if code == "TOO_LARGE_APPEND" and number is not None:
+        return OutputTooLarge(
+            f"{where}: an append must be at most max_output_append = "
+            f"{limits.max_output_append} bytes, got {number}",
+            limit="max_output_append", size=number, maximum=limits.max_output_append)
+    if code == "FULL" and number is not None:
+        return OutputTooLarge(
+            f"{where} may hold at most max_output_held = {limits.max_output_held} bytes, "
+            f"holds {number} and the append adds {size}: trim what the peer acknowledged",
+            limit="max_output_held", size=number + size, maximum=limits.max_output_held)
+    if code == "TOO_MANY_ENTRIES" and number is not None:
+        return OutputTooLarge(
+            f"{where} may hold at most max_output_entries = {limits.max_output_entries} "
+            f"appends, holds {number}: trim what the peer acknowledged, or append less often",
+            limit="max_output_entries", size=number + 1, maximum=limits.max_output_entries)
+    if code == "TOO_MANY_LOGS":
+        return TooManyRecords(f"origin {origin!r} may hold at most "
+                              f"{limits.max_records_per_origin} output logs, has {value}")
+    return WriteRefused(f"{where}: append at {offset} refused by the store: {status}")
+
+
+def _put_output_refusal(status: str, cp: Checkpoint, offset: int, size: int,
+                        limits: Limits) -> WriteRefused | RecordTooLarge:
+    """The refusal of one record-and-append of tcpcp_put_output: the record's, else the append's."""
+    if status.partition(" ")[0] in ("VERSION_NOT_NEWER", "TOO_MANY", "TOO_LARGE"):
+        return _item_refusal(status, cp.origin, cp.conn, cp.version,
+                             limits.max_records_per_origin)
+    return _output_refusal(status, cp.origin, cp.conn, offset, size, limits)
+
+
+def _stream_offset(raw: object, origin: str, conn: str) -> int:
+    """The offset of an output log entry from its stream ID "<offset>-1"."""
+    text = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else str(raw)
+    head, sep, tail = text.partition("-")
+    if sep != "-" or tail != "1" or not head.isdigit() or not head.isascii():
+        raise RecordCorrupt(f"output log of {origin}/{conn} must have entry IDs <offset>-1, "
+                            f"got {text!r}")
+    return int(head)
+
+
 def _translate(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
@@ -199,18 +279,24 @@ def _scan_meta_keys(client: redis.Redis) -> list[bytes]:
     return list(client.scan_iter(match=META_PATTERN, count=1000))
 
 
+def _split(items: list[T], count: int, max_bytes: int,
+           size: Callable[[T], int]) -> list[list[T]]:
+    """Split items into FCALL batches of at most `count` items and about `max_bytes`."""
+    batches: list[list[T]] = [[]]
+    held = 0
+    for item in items:
+        if batches[-1] and (len(batches[-1]) >= count or held + size(item) > max_bytes):
+            batches.append([])
+            held = 0
+        batches[-1].append(item)
+        held += size(item)
+    return batches if batches[0] else []
+
+
 def _chunks(items: list[tuple[str, int, bytes]], count: int,
             max_bytes: int = PUT_BATCH_BYTES) -> list[list[tuple[str, int, bytes]]]:
     """Split records into FCALL batches of at most `count` records and about `max_bytes`."""
-    batches: list[list[tuple[str, int, bytes]]] = [[]]
-    size = 0
-    for item in items:
-        if batches[-1] and (len(batches[-1]) >= count or size + len(item[2]) > max_bytes):
-            batches.append([])
-            size = 0
-        batches[-1].append(item)
-        size += len(item[2])
-    return batches if batches[0] else []
+    return _split(items, count, max_bytes, lambda item: len(item[2]))
 
 
 # --- routing ---------------------------------------------------------------------------------
@@ -410,14 +496,17 @@ class CheckpointStore:
                 raise _translate(exc, what) from exc
         raise AssertionError("unreachable")
 
-    def _fcall(self, name: str, keys: OriginKeys, *args: object, durable: bool = False) -> Any:
-        """FCALL one library function; with `durable`, also await the configured durability."""
+    def _fcall(self, name: str, keys: OriginKeys, *args: object, durable: bool = False,
+               extra_keys: tuple[str, ...] = ()) -> Any:
+        """FCALL one library function with the origin's four keys and `extra_keys`; with
+        `durable`, also await the configured durability."""
         durability = self._durability_command() if durable else None
 
         def run() -> Any:
             client = self._router.for_keys(keys)
             pipe = client.pipeline(transaction=False)
-            pipe.execute_command("FCALL", name, 4, *keys.all(), *args)
+            pipe.execute_command("FCALL", name, 4 + len(extra_keys), *keys.all(), *extra_keys,
+                                 *args)
             if durability is not None:
                 pipe.execute_command(*durability)
             replies = pipe.execute(raise_on_error=False)
@@ -461,8 +550,6 @@ class CheckpointStore:
                      batches: list[list[tuple[str, int, bytes]]]) -> list[str]:
         """FCALL tcpcp_put per batch plus one durability command, pipelined on one connection."""
         limits = self.limits
-
-        durability = self._durability_command()
         calls: list[list[object]] = []
         for batch in batches:
             args: list[object] = ["FCALL", "tcpcp_put", 4, *keys.all(), epoch,
@@ -470,6 +557,14 @@ class CheckpointStore:
             for conn, version, record in batch:
                 args += [conn, version, record]
             calls.append(args)
+        return self._run_calls(keys, calls, f"put on origin {keys.origin!r}")
+
+    def _run_calls(self, keys: OriginKeys, calls: list[list[object]], what: str,
+                   durable: bool = True) -> list[str]:
+        """Run FCALLs that return one status per item, plus one durability command when any
+        item was stored (with `durable`), pipelined on one connection; all the statuses.
+        A refusal of a whole call (stale epoch, ...) is raised."""
+        durability = self._durability_command() if durable else None
 
         def run() -> list[str]:
             client = self._router.for_keys(keys)
@@ -487,7 +582,7 @@ class CheckpointStore:
                     pipe.execute_command(*durability)
                 replies = pipe.execute(raise_on_error=False)
             statuses: list[str] = []
-            for reply in replies[:len(batches)]:
+            for reply in replies[:len(calls)]:
                 if isinstance(reply, rx.ResponseError):
                     refusal = _refusal(str(reply), keys.origin)
                     raise refusal if refusal is not None else reply
@@ -495,10 +590,10 @@ class CheckpointStore:
                     raise reply
                 statuses += [s.decode(errors="replace") if isinstance(s, bytes) else str(s)
                              for s in reply]
-            if durability is not None and any(s == "OK" for s in statuses):
+            if durability is not None and any(s in _SUCCESS for s in statuses):
                 self._check_durable(replies[-1], keys.origin)
             return statuses
-        return self._call(f"put on origin {keys.origin!r}", run)
+        return self._call(what, run)
 
     # -- writes --
 
@@ -540,11 +635,15 @@ class CheckpointStore:
         ]
 
     def delete(self, origin: str, epoch: int, conns: Iterable[str]) -> int:
-        """Delete closed connections' records (fenced by epoch); returns how many existed."""
+        """Delete closed connections' records and, in the same step, their output logs
+        (fenced by epoch); returns how many records existed."""
         names = [check_name("connection", c, key_safe=False) for c in conns]
         if not names:
             return 0
-        return int(self._fcall("tcpcp_delete", keys_of(origin), epoch, *names, durable=True))
+        keys = keys_of(origin)
+        logs = (keys.output_positions, *(keys.output(c) for c in names))
+        return int(self._fcall("tcpcp_delete", keys, epoch, *names, durable=True,
+                               extra_keys=logs))
 
     def lease_acquire(self, origin: str, holder: str, ttl_ms: int) -> int:
         """Take the origin's lease (first owner becomes owner at epoch 1); returns the epoch.
@@ -584,6 +683,191 @@ class CheckpointStore:
         epoch = self._fcall("tcpcp_claim", keys_of(origin), holder, seen_epoch, int(ttl_ms),
                             durable=True)
         return _decimal(epoch, f"epoch of origin {origin!r}", StateCorrupt)
+
+    # -- output logs (logged output, DESIGN.md section 5) --
+
+    def _output_batches(self, function: str, keys: OriginKeys, head: list[object],
+                        items: list[tuple[str, list[object], int]], batch: int,
+                        durable: bool = True) -> list[str]:
+        """FCALL `function` per batch of items (conn, its ARGV, its bytes), each item with its
+        connection's output log key; pipelined, durability awaited once."""
+        calls: list[list[object]] = []
+        for chunk in _split(items, batch, PUT_BATCH_BYTES, lambda item: item[2]):
+            streams = [keys.output(conn) for conn, _, _ in chunk]
+            calls.append(["FCALL", function, 5 + len(streams), *keys.all(),
+                          keys.output_positions, *streams, *head,
+                          *(arg for _, args, _ in chunk for arg in args)])
+        return self._run_calls(keys, calls, f"{function} on origin {keys.origin!r}",
+                               durable=durable)
+
+    def _output_limits(self) -> list[object]:
+        limits = self.limits
+        return [limits.max_output_append, limits.max_output_held, limits.max_output_entries]
+
+    def append_output(self, origin: str, conn: str, epoch: int, offset: int,
+                      data: bytes) -> None:
+        """Append outbound bytes [offset, offset + len(data)) to the connection's output log
+        (signed, fenced by epoch); return once durable. Hand them to the kernel only then.
+
+        The log's first append may start anywhere; every later one where the log ends. The
+        same append again (a retry after an error) is accepted and awaits durability again.
+        Raises OutputOffsetRefused (a gap or an overlap), OutputTooLarge (naming the limit),
+        TooManyRecords, StaleEpoch / NotOwner, DurabilityError, StoreUnavailable.
+        """
+        (outcome,) = self.append_many([OutputRange(origin, conn, epoch, offset, data)])
+        if outcome.error is not None:
+            raise outcome.error
+
+    def append_many(self, ranges: Iterable[OutputRange],
+                    batch: int = PUT_BATCH) -> list[AppendOutcome]:
+        """Append many output ranges of ONE origin and epoch in one round trip (group commit).
+
+        Each append is checked on its own, in order (several may extend one connection's log);
+        a stale epoch refuses them all (StaleEpoch); durability is awaited once for the set.
+        An append above max_output_append raises OutputTooLarge before anything is sent.
+        """
+        items = list(ranges)
+        if not items:
+            return []
+        origin, epoch = items[0].origin, items[0].epoch
+        for r in items:
+            if (r.origin, r.epoch) != (origin, epoch):
+                raise InvalidCheckpoint(f"append_many needs one origin and epoch ({origin!r}, "
+                                        f"{epoch}), got ({r.origin!r}, {r.epoch})")
+        args = [(r.conn, [r.conn, r.offset, len(r.data), encode_output(r, self.keys,
+                                                                      self.limits)],
+                 len(r.data)) for r in items]
+        head: list[object] = [epoch, *self._output_limits(), self.limits.max_records_per_origin]
+        statuses = self._output_batches("tcpcp_output_append", keys_of(origin), head, args,
+                                        batch)
+        return [AppendOutcome(r.conn, r.offset, None if status in _SUCCESS else _output_refusal(
+                    status, origin, r.conn, r.offset, len(r.data), self.limits),
+                              duplicate=status == "DUP")
+                for r, status in zip(items, statuses, strict=True)]
+
+    def put_with_output(self, cp: Checkpoint, offset: int, data: bytes) -> None:
+        """Store `cp` and append its outbound bytes to its connection's output log in ONE
+        atomic step: both or neither; return once durable. Empty `data` appends nothing.
+
+        Raises what put and append_output raise (the record's refusal first).
+        """
+        (outcome,) = self.put_many_with_output([(cp, offset, data)])
+        if outcome.error is not None:
+            raise outcome.error
+
+    def put_many_with_output(self, commits: Iterable[tuple[Checkpoint, int, bytes]],
+                             batch: int = PUT_BATCH) -> list[PutOutcome]:
+        """put_with_output for many connections of ONE origin and epoch in one round trip
+        (group commit): each record and its append together or not at all, each on its own
+        merit; a stale epoch refuses them all; durability is awaited once for the set."""
+        items = list(commits)
+        if not items:
+            return []
+        origin, epoch = items[0][0].origin, items[0][0].epoch
+        args: list[tuple[str, list[object], int]] = []
+        for cp, offset, data in items:
+            if (cp.origin, cp.epoch) != (origin, epoch):
+                raise InvalidCheckpoint(f"put_many_with_output needs one origin and epoch "
+                                        f"({origin!r}, {epoch}), got ({cp.origin!r}, {cp.epoch})")
+            record = encode(cp, self.keys, self.limits)
+            entry = encode_output(OutputRange(cp.origin, cp.conn, cp.epoch, offset, data),
+                                  self.keys, self.limits)
+            args.append((cp.conn, [cp.conn, cp.version, record, offset, len(data), entry],
+                         len(record) + len(entry)))
+        limits = self.limits
+        head: list[object] = [epoch, limits.max_records_per_origin, limits.max_record,
+                              *self._output_limits()]
+        statuses = self._output_batches("tcpcp_put_output", keys_of(origin), head, args, batch)
+        return [PutOutcome(cp.conn, cp.version, None if status in _SUCCESS else
+                           _put_output_refusal(status, cp, offset, len(data), limits))
+                for (cp, offset, data), status in zip(items, statuses, strict=True)]
+
+    def trim_output(self, origin: str, conn: str, epoch: int, upto_offset: int) -> int | None:
+        """Drop what the peer acknowledged: the log then holds [upto_offset, end) (an append
+        straddling upto_offset is kept whole). Trimming backwards is a no-op. Returns the
+        log's start, None if the connection has no log.
+
+        Not awaited for durability: a trim lost in a failover only keeps acknowledged bytes
+        longer. Raises OutputOffsetRefused past the log's end, StaleEpoch / NotOwner.
+        """
+        check_name("connection", conn, key_safe=False)
+        if not 0 <= upto_offset <= U64_MAX:
+            raise InvalidCheckpoint(f"upto_offset must be in 0..2**64-1, got {upto_offset}")
+        (status,) = self._output_batches("tcpcp_output_trim", keys_of(origin), [epoch],
+                                         [(conn, [conn, upto_offset], 0)], 1, durable=False)
+        if status == "NONE":
+            return None
+        if status.startswith("OFFSET "):
+            end = _decimal(status[7:], f"end of the output log of {origin}/{conn}", StateCorrupt)
+            raise OutputOffsetRefused(
+                f"output log of {origin}/{conn}: a trim must stop at most at the log's end "
+                f"{end}, got {upto_offset} (the peer cannot have acknowledged bytes never "
+                "logged)", given=upto_offset, end=end)
+        return _decimal(status, f"start of the output log of {origin}/{conn}", StateCorrupt)
+
+    def _output_read(self, origin: str, conn: str, from_offset: int) -> list[Any]:
+        keys = keys_of(origin)
+
+        def run() -> list[Any]:
+            reply: list[Any] = self._router.for_keys(keys).execute_command(
+                "FCALL_RO", "tcpcp_output_read", 6, *keys.all(), keys.output_positions,
+                keys.output(conn), conn, from_offset)
+            return reply
+        return self._call(f"read output log of {origin}/{conn}", run)
+
+    def output_bounds(self, origin: str, conn: str) -> OutputBounds | None:
+        """What the connection's output log holds, None if it has none."""
+        check_name("connection", conn, key_safe=False)
+        reply = self._output_read(origin, conn, U64_MAX)
+        if not reply:
+            return None
+        what = f"output log of {origin}/{conn}"
+        return OutputBounds(start=_decimal(reply[0], f"start of the {what}", RecordCorrupt),
+                            end=_decimal(reply[1], f"end of the {what}", RecordCorrupt))
+
+    def read_output(self, origin: str, conn: str, from_offset: int) -> bytes:
+        """The connection's outbound bytes from `from_offset` to the end of its log, every
+        append verified (signature, origin, connection, offset, contiguity).
+
+        Raises OutputNotHeld when the log does not hold from_offset (no log, trimmed past it,
+        or it lies past the end), another RecordError for a forged, corrupt or foreign entry.
+        """
+        check_name("connection", conn, key_safe=False)
+        if not 0 <= from_offset <= U64_MAX:
+            raise InvalidCheckpoint(f"from_offset must be in 0..2**64-1, got {from_offset}")
+        what = f"output log of {origin}/{conn}"
+        reply = self._output_read(origin, conn, from_offset)
+        if not reply:
+            raise OutputNotHeld(f"{what} must hold offset {from_offset}, but there is no log",
+                                start=None, end=None)
+        start = _decimal(reply[0], f"start of the {what}", RecordCorrupt)
+        end = _decimal(reply[1], f"end of the {what}", RecordCorrupt)
+        if not start <= from_offset <= end:
+            reason = "the peer acknowledged it, so it was trimmed" if from_offset < start \
+                else "it lies past the log's end"
+            raise OutputNotHeld(f"{what} holds [{start}, {end}), must hold offset "
+                                f"{from_offset}: {reason}", start=start, end=end)
+        if from_offset == end:
+            return b""
+        entries = reply[2:]
+        if not entries:
+            raise RecordCorrupt(f"{what} holds [{start}, {end}) by its state, but no append "
+                                f"holds offset {from_offset}")
+        first = expected = _stream_offset(entries[0], origin, conn)
+        pieces: list[bytes] = []
+        for raw_id, raw in zip(entries[::2], entries[1::2], strict=True):
+            offset = _stream_offset(raw_id, origin, conn)
+            if offset != expected:
+                raise RecordCorrupt(f"{what} must be contiguous: an append ends at {expected}, "
+                                    f"the next starts at {offset}")
+            r = decode_output(raw, self.keys, origin=origin, conn=conn, offset=offset,
+                              limits=self.limits)
+            pieces.append(r.data)
+            expected = r.end
+        if not first <= from_offset < expected or expected != end:
+            raise RecordCorrupt(f"{what} holds [{start}, {end}) by its state, but its appends "
+                                f"cover [{first}, {expected})")
+        return b"".join(pieces)[from_offset - first:]
 
     # -- reads --
 
