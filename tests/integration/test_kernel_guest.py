@@ -47,6 +47,18 @@ GATE_BEHAVIOUR_TESTS = {
     "[patch]",
     "test_no_sack_block_above_the_commit_leaves_a_flow_guarded_mid_connection[patch]",
 }
+# tests/kernelguest/test_patch_ecn_repair.py (0005) and its stock counterpart
+ECN_REPAIR_TESTS = {
+    "test_a_restored_ecn_flow_marks_its_new_data_ect0_and_tcp_info_reports_ecn[4]",
+    "test_a_restored_ecn_flow_marks_its_new_data_ect0_and_tcp_info_reports_ecn[6]",
+    "test_a_restored_ecn_flow_echoes_a_ce_mark_with_ece",
+    "test_without_the_option_the_restored_flow_sends_not_ect_and_ignores_ce",
+    "test_the_option_takes_ecn_and_ecn_seen_and_refuses_the_cwr_flags",
+}
+STOCK_ECN_REPAIR_TESTS = {
+    "test_the_stock_kernel_ignores_the_ecn_repair_option_and_the_probe_says_so",
+    "test_an_ecn_flow_is_refused_by_default_and_downgraded_to_not_ect_on_the_stock_kernel",
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +104,7 @@ def test_the_patched_kernel_passes_the_guest_suite(patched: BuiltKernel) -> None
     assert counts["tests"] >= 15 + len(GATE_BEHAVIOUR_TESTS), counts
     assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
     assert _passed(run) >= GATE_BEHAVIOUR_TESTS, GATE_BEHAVIOUR_TESTS - _passed(run)
+    assert _passed(run) >= ECN_REPAIR_TESTS, ECN_REPAIR_TESTS - _passed(run)
 
 
 def test_the_stock_kernel_reports_the_option_absent_and_the_gate_falls_back_to_bpf(
@@ -100,9 +113,11 @@ def test_the_stock_kernel_reports_the_option_absent_and_the_gate_falls_back_to_b
     tail = "\n".join(run.serial_log.splitlines()[-60:])
     assert run.verdict.outcome is Outcome.PASSED, f"{run.verdict.detail}\n{tail}"
     counts = _counts(run)
-    assert counts["tests"] == 5 and counts["failures"] == counts["errors"] == 0, counts
+    assert counts["tests"] == 5 + len(STOCK_ECN_REPAIR_TESTS), counts
+    assert counts["failures"] == counts["errors"] == 0, counts
     assert {f"test_the_default_gate_on_the_stock_kernel_holds_acks_with_bpf[{g.value}]"
             for g in Guarding} <= _passed(run)
+    assert _passed(run) >= STOCK_ECN_REPAIR_TESTS, STOCK_ECN_REPAIR_TESTS - _passed(run)
 
 
 def test_a_failing_guest_command_is_reported_with_its_exit_status(stock: BuiltKernel) -> None:
