@@ -46,7 +46,14 @@ def test_least_privilege_acl_user_runs_every_store_operation(
         new_epoch = store.claim(ORIGIN, "standby-1", epoch, ttl_ms=5000)
         with pytest.raises(StaleEpoch):
             store.put(cp(epoch, 3))
+        store.put_with_output(cp(new_epoch, 3), 0, b"logged ")
+        store.append_output(ORIGIN, "c1", new_epoch, 7, b"output")
+        assert store.trim_output(ORIGIN, "c1", new_epoch, 3) == 3
+        assert store.read_output(ORIGIN, "c1", 3) == b"ged output"
+        bounds = store.output_bounds(ORIGIN, "c1")
+        assert bounds is not None and (bounds.start, bounds.end) == (3, 13)
         assert store.delete(ORIGIN, new_epoch, ["c1"]) == 1
+        assert store.output_bounds(ORIGIN, "c1") is None
         assert store.state(ORIGIN).owner == "standby-1"
     with CheckpointStore.connect(StoreConfig.standalone(
             redis_server.url, username="tcpcp", password="s3cret", durability=wait),

@@ -12,6 +12,7 @@ from store.client import CheckpointStore
 from store.config import StoreConfig, Topology
 from store.errors import ClaimLost, LeaseHeld, StaleEpoch
 from store.keys import OriginKeys
+from store.outlog import OutputRange
 from store.record import Checkpoint
 from store.signing import KeyRing
 from tests.integration.store_support import LocalRedis, keyring, start_cluster  # noqa: F401
@@ -108,3 +109,25 @@ def test_least_privilege_acl_user_runs_the_store_on_a_cluster(
             store.put(cp(origin, "c1", epoch, 1))
             assert [r.conn for r in store.records(origin) if r.checkpoint] == ["c1"]
         assert len(store.origins()) >= 3
+
+
+def test_output_logs_share_their_origin_slot_and_go_with_their_records_on_a_cluster(
+        cluster: list[LocalRedis], keyring: KeyRing) -> None:  # noqa: F811
+    conn = "[fd77:1::2]:40000>[fd77:9::1]:80"
+    with CheckpointStore.connect(StoreConfig.cluster(cluster[0].url), keyring) as store:
+        for origin in origins_on_every_node(cluster):
+            keys = OriginKeys(origin)
+            admin = cluster[0].admin()
+            slots = {int(admin.execute_command("CLUSTER", "KEYSLOT", k))
+                     for k in (keys.meta, keys.output_positions, keys.output(conn))}
+            assert len(slots) == 1
+            epoch = store.lease_acquire(origin, origin, ttl_ms=5000)
+            store.put_with_output(cp(origin, conn, epoch, 1), 0, b"hello ")
+            (outcome,) = store.append_many([OutputRange(origin, conn, epoch, 6, b"world")])
+            assert outcome.error is None
+            assert store.trim_output(origin, conn, epoch, 3) == 3
+            assert store.read_output(origin, conn, 3) == b"lo world"
+            node = next(n for n in cluster if n.port == owner_port(cluster, origin))
+            assert node.admin().xlen(keys.output(conn)) == 2
+            assert store.delete(origin, epoch, [conn]) == 1
+            assert not node.admin().exists(keys.output(conn), keys.output_positions)
