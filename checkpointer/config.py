@@ -761,6 +761,10 @@ def _store(v: dict[str, Any], src: dict[str, str]) -> StoreConfig:
         raise ConfigError("default", "store.url", "a redis:// or rediss:// URL (TOML url in "
                           f"[store], env {BY_KEY['store.url'].env} or --url) or store.sentinels "
                           "with store.service", NOT_SET)
+    if v["store.url"] is not None and v["store.sentinels"]:
+        raise ConfigError(f"{src['store.url']} and {src['store.sentinels']}", "store.url",
+                          "either store.url or store.sentinels, not both",
+                          (v["store.url"], v["store.sentinels"]))
     ns = argparse.Namespace(
         url=v["store.url"], cluster=v["store.cluster"], sentinel=list(v["store.sentinels"]),
         service=v["store.service"], username=v["store.username"], password_file=None,
@@ -821,7 +825,8 @@ def render_reference() -> str:
         f"unknown `{ENV_PREFIX}*` variables are errors.\n\n"
         f"Secrets: the Redis password comes from `store.password_file` or `{PASSWORD_ENV}`, "
         f"Sentinel credentials from `{SENTINEL_USER_ENV}` / `{SENTINEL_PASSWORD_ENV}`; never "
-        "from flags or the TOML file.\n\n")
+        "from flags or the TOML file. The log settings fall back on the tcpcp-wide "
+        "`TCPCP_LOG_FORMAT` / `TCPCP_LOG_LEVEL`, below the TOML file.\n\n")
     return head + "\n".join(rows) + "\n"
 
 

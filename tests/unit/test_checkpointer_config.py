@@ -430,6 +430,12 @@ def test_sentinels_without_a_service_are_refused_naming_their_source() -> None:
     assert "service" in e.expected
 
 
+def test_a_url_and_sentinels_together_are_refused_naming_both_sources() -> None:
+    e = refused(env={"TCPCP_CHECKPOINTER_STORE_SENTINELS": "10.0.0.5:26379"})
+    assert e.source == "flag --url and env TCPCP_CHECKPOINTER_STORE_SENTINELS"
+    assert e.expected == "either store.url or store.sentinels, not both"
+
+
 def test_host_name_that_cannot_be_an_origin_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"default \(the host name\): origin: "):
         merge(build_parser().parse_args(BASE), {}, hostname="web{1}")
@@ -476,7 +482,7 @@ def test_reference_has_one_row_per_setting_with_six_columns() -> None:
         cells = re.split(r"(?<!\\)\|", row)[1:-1]
         assert len(cells) == 6, row
         assert cells[0].strip() == s.key and s.env in cells[2] and s.flag in cells[3]
-    assert "auto\\|" not in ref or "gate_backend" in ref
+    assert "auto\\|bpf\\|patch" in ref  # pipes inside cells are escaped
     assert "TCPCP_CHECKPOINTER_" in ref and "precedence" in ref
 
 
