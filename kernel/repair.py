@@ -99,6 +99,7 @@ from kernel.ici import (
     Window,
 )
 from kernel.sanity import Ecn, RestorePolicy, check
+from kernel.segment import ACK, FIN, tcp_packet
 
 log = structlog.get_logger(component="tcpcp.kernel.repair")
 
@@ -134,10 +135,7 @@ _RECV_CHUNK = 64 << 10
 """The receive queue is written in chunks: each send() in repair mode becomes one skb."""
 _MAX_BUFFER = 1 << 30
 _STATE_TIMEOUT_S = 1.0
-_TH_FIN, _TH_ACK = 0x01, 0x10
-_IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_IPV6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
+_TH_FIN, _TH_ACK = FIN, ACK
 
 
 class RepairError(KernelError):
@@ -669,33 +667,14 @@ def _await_state(sock: socket.socket, state: TcpState,
         time.sleep(0.0005)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def _segment(ici: Ici, flags: int, seq: int, ack: int) -> tuple[int, bytes, str]:
     """The segment the peer would send (peer -> local, no options), with its IP header:
     (address family, packet, destination)."""
     ident, af = ici.identity, _FAMILY_AF[ici.identity.family]
-    scale = ici.params.snd_wscale
-    wnd = min(0xFFFF, -(-ici.window.snd_wnd >> scale))  # the peer's window, as it sent it
-    tcp = _TCP.pack(ident.peer_port, ident.local_port, seq & U32, ack & U32, 5 << 4, flags,
-                    wnd, 0, 0)
-    src, dst = ident.peer_addr, ident.local_addr
-    if af == socket.AF_INET:
-        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-        head = _IPV4.pack(0x45, 0, _IPV4.size + len(tcp), 0, 0x4000, 64, socket.IPPROTO_TCP,
-                          0, src, dst)
-    else:
-        pseudo = src + dst + struct.pack("!I3xB", len(tcp), socket.IPPROTO_TCP)
-        head = _IPV6.pack(6 << 28, len(tcp), socket.IPPROTO_TCP, 64, src, dst)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    return af, head + tcp, socket.inet_ntop(af, dst)
+    wnd = min(0xFFFF, -(-ici.window.snd_wnd >> ici.params.snd_wscale))  # as the peer sent it
+    packet = tcp_packet(ident.peer_addr, ident.local_addr, ident.peer_port, ident.local_port,
+                        seq, ack, flags, wnd)
+    return af, packet, socket.inet_ntop(af, ident.local_addr)
 
 
 @contextlib.contextmanager
