@@ -1,7 +1,8 @@
 """The kernel structures tcpcp's TCP_REPAIR calls exchange, declared once for cffi (ABI mode).
 
 Layouts from include/uapi/linux/tcp.h. tcp_info is declared only as far as tcpcp reads it
-(through tcpi_total_retrans); its wscale byte holds two 4-bit fields (snd in the low nibble
+(through tcpi_segs_in: bytes acked and received, segments, retransmits for the lab tests);
+its wscale byte holds two 4-bit fields (snd in the low nibble
 on little-endian builds), kept as a plain byte here and split in kernel.repair.
 """
 
@@ -58,6 +59,12 @@ ffi.cdef(
         uint32_t tcpi_rcv_rtt;
         uint32_t tcpi_rcv_space;
         uint32_t tcpi_total_retrans;
+        uint64_t tcpi_pacing_rate;
+        uint64_t tcpi_max_pacing_rate;
+        uint64_t tcpi_bytes_acked;
+        uint64_t tcpi_bytes_received;
+        uint32_t tcpi_segs_out;
+        uint32_t tcpi_segs_in;
     };
     """
 )

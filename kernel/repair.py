@@ -643,8 +643,13 @@ it within a round trip)."""
 
 
 def tcp_info(sock: socket.socket) -> Any:
-    """The socket's struct tcp_info_prefix (kernel/_repair_cdef.py), an owned copy."""
-    return _struct(_INFO_P, sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE))
+    """The socket's struct tcp_info_prefix (kernel/_repair_cdef.py, through tcpi_segs_in), an
+    owned copy: info.tcpi_state, info.tcpi_bytes_acked, ... The kernel fills what it has."""
+    raw = sock.getsockopt(SOL_TCP, socket.TCP_INFO, _INFO_SIZE)
+    if len(raw) < _INFO_SIZE:
+        raise OSError(errno.EPROTO, f"expected {_INFO_SIZE} bytes of tcp_info, the kernel gave "
+                      f"{len(raw)}")
+    return _struct(_INFO_P, raw)
 
 
 def tcp_state(sock: socket.socket) -> TcpState:

@@ -26,9 +26,8 @@ from typing import TypeVar
 
 from pyroute2 import IPRoute
 
-from kernel import patch_gate
+from kernel import patch_gate, repair
 from ops import netns
-from ops.kernel import structs
 from ops.wait import wait_until
 
 T = TypeVar("T")
@@ -179,7 +178,7 @@ TCP_INFO_STATE_CLOSE, TCP_INFO_STATE_LAST_ACK = 7, 9
 
 
 def tcp_state(sock: socket.socket) -> int:
-    return int(structs.tcp_info(sock).tcpi_state)
+    return int(repair.tcp_info(sock).tcpi_state)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,11 @@ from kernel.gate import AckGate
 from kernel.gatebackend import open_gate, socket_flow
 from kernel.ici import TcpOption
 from kernel.patch_gate import Backend
+from kernel.repair import tcp_info
 from kernel.seq import after, seq_diff
 from ops import gatelab as G
 from ops import tcpoptions
 from ops.capture import Segment
-from ops.kernel.structs import tcp_info
 from ops.lab import Lab
 from ops.wait import wait_until
 from tests.integration import gatepackets as G_packets

@@ -17,9 +17,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from kernel.bpf.layout import Flow
+from kernel.repair import tcp_info
 from kernel.tcfilter import Direction
 from ops import gatelab as G
-from ops.kernel.structs import tcp_info
 from ops.lab import Lab
 from ops.wait import wait_until
 

@@ -20,10 +20,10 @@ import pytest
 from kernel import repair
 from kernel.bpf.layout import Flow
 from kernel.gatebackend import Gate, open_gate, socket_flow
+from kernel.repair import tcp_info
 from kernel.seq import seq_diff
 from ops import gatelab as G
 from ops.capture import Capture, Segment
-from ops.kernel.structs import tcp_info
 from ops.lab import Lab
 from ops.wait import wait_until
 from tests.integration import gatepackets as P

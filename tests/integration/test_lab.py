@@ -14,10 +14,10 @@ import time
 
 import pytest
 
+from kernel.repair import tcp_info
 from ops import netns
 from ops.capture import Capture
 from ops.gatelab import observe_for
-from ops.kernel.structs import tcp_info
 from ops.lab import Lab, list_labs
 from ops.probe import NameServer, reachable
 from ops.wait import wait_until

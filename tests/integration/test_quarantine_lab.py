@@ -11,10 +11,10 @@ from pathlib import Path
 
 from kernel.bpf.layout import Flow
 from kernel.quarantine import Observation, Quarantine
+from kernel.repair import tcp_info
 from ops import gatelab as G
 from ops import tcpoptions
 from ops.capture import Capture, Segment
-from ops.kernel.structs import tcp_info
 from ops.lab import Lab
 from ops.wait import wait_until
 

@@ -14,10 +14,10 @@ import socket
 from collections.abc import Callable
 
 from kernel.gatebackend import Gate
+from kernel.repair import tcp_info
 from kernel.seq import seq_add
 from ops.gatelab import observe_for, recv_exactly
 from ops.kernel.guestnet import VethPair, run_in
-from ops.kernel.structs import tcp_info
 from ops.wait import wait_until
 
 SENT = 8000     # below the ~14 KB a fresh connection has in flight: held bytes never stall it

@@ -1,18 +1,21 @@
-"""ops/kernel/structs declares struct tcp_info as the kernel lays it out (the offsets uapi has
-kept stable since 4.x), and reads a real socket's."""
+"""kernel/_repair_cdef declares struct tcp_info as the kernel lays it out (the offsets uapi has
+kept stable since 4.x), and kernel.repair.tcp_info reads a real socket's."""
 
 from __future__ import annotations
 
 import socket
 
-from ops.kernel.structs import ffi, tcp_info
+from kernel._repair_cdef import ffi
+from kernel.repair import tcp_info
+
+INFO = "struct tcp_info_prefix"
 
 
 def test_tcp_info_fields_sit_where_the_uapi_header_puts_them() -> None:
-    assert ffi.offsetof("struct tcp_info", "tcpi_rto") == 8
-    assert ffi.offsetof("struct tcp_info", "tcpi_total_retrans") == 100
-    assert ffi.offsetof("struct tcp_info", "tcpi_bytes_acked") == 120
-    assert ffi.offsetof("struct tcp_info", "tcpi_segs_in") == 140
+    assert ffi.offsetof(INFO, "tcpi_rto") == 8
+    assert ffi.offsetof(INFO, "tcpi_total_retrans") == 100
+    assert ffi.offsetof(INFO, "tcpi_bytes_acked") == 120
+    assert ffi.offsetof(INFO, "tcpi_segs_in") == 140
 
 
 def test_tcp_info_of_a_connected_socket_counts_its_handshake() -> None:
