@@ -31,8 +31,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 from ops import logs
+from ops.capture import RST, Capture
 from ops.lab import Lab, lab
-from ops.probe import Capture, NameServer, reachable
+from ops.probe import NameServer, reachable
 from ops.redislab import RedisServer
 from ops.wait import wait_until
 
@@ -165,7 +166,8 @@ def run_passing(the_lab: Lab, steps: Steps, tmp: str, echo_conns: int) -> None:
     from ops.passcli import LabSwitch, pass_connections
 
     with demo_servers(the_lab, tmp) as controls:
-        cap = Capture(the_lab, "peer", "eth0", f"tcp port {SERVICE_PORT}").start()
+        cap = Capture.in_lab(the_lab, "peer", "eth0", f"tcp port {SERVICE_PORT}",
+                             snaplen=128).start()
         paws_before = _paws(the_lab)
         with the_lab.enter("peer"):
             socks = [socket.create_connection((the_lab.service(4 if i % 4 else 6),
@@ -208,13 +210,12 @@ def run_passing(the_lab: Lab, steps: Steps, tmp: str, echo_conns: int) -> None:
                     f"curl: exit {curl.returncode}, {fields[0] if fields else '?'} connect, file "
                     f"{'intact' if intact else 'DAMAGED'}{note}")
         cap.stop()
-        packets = cap.packets()
-        resets = [p for p in packets if "Flags [R" in p.line]
+        packets = cap.segments()
+        resets = [p for p in packets if p.flags & RST]
         steps.check(resets == [], f"capture in the peer: {len(packets)} segments, "
                                   f"{len(resets)} RST")
         paws = _paws(the_lab) - paws_before
         steps.check(paws == 0, f"peer's nstat: {paws} PAWS drops")
-        cap.remove()
 
 
 # ----------------------------------------------------------------------------- store / fencing

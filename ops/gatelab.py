@@ -33,7 +33,7 @@ from kernel.ici import TcpOption
 from kernel.patch_gate import Backend
 from kernel.tcfilter import Direction, TcHook, TcTarget
 from ops import labfilter
-from ops.capture import Capture, read_pcap_file
+from ops.capture import Capture
 from ops.lab import Lab
 from ops.labfilter import Insn
 
@@ -236,40 +236,11 @@ def expected_sha256(total: int) -> str:
 # snaplen=200)). What follows keeps ops/bench/ackgate.py working until it moves there too.
 
 
-@dataclass(frozen=True, slots=True)
-class Captured:
-    """Deprecated: ops.capture.Segment (whose time is `at`). (time, sport, ack, flags) only."""
-
-    time: float
-    sport: int
-    dport: int
-    ack: int
-    flags: int
-
-
 def gateway_capture(lab: Lab, bpf_filter: str, interface: str = "p-origin",
                     path: Path | None = None) -> Capture:
     """A capture on the gateway (outside the origin), headers only (200 bytes a frame: a 50 MB
     upload stays cheap to read), not yet started."""
     return Capture.in_lab(lab, "gw", interface, bpf_filter, snaplen=200, path=path)
-
-
-def start_capture(netns_cmd: list[str], iface: str, path: Path, bpf_filter: str) -> Capture:
-    """Deprecated: Capture(ns, iface, bpf_filter, snaplen=200, path=path).start()."""
-    ns = next((a.split("=", 1)[1] for a in netns_cmd if a.startswith("--net=")), None)
-    name = None if ns is None else os.path.basename(ns)
-    return Capture(name, iface, bpf_filter, snaplen=200, path=path).start()
-
-
-def stop_capture(cap: Capture) -> None:
-    """Deprecated: Capture.stop()."""
-    cap.stop()
-
-
-def read_pcap(path: Path) -> Iterator[Captured]:
-    """Deprecated: ops.capture.read_pcap_file (or Capture.segments())."""
-    for s in read_pcap_file(path):
-        yield Captured(s.at, s.sport, s.dport, s.ack, s.flags)
 
 
 def nstat(lab_run: object, host: str, counter: str) -> int:

@@ -1,5 +1,4 @@
-"""Small reachability helpers for the lab: TCP listeners that say which host answered (and the
-old names of the lab's capture, now ops/capture.py).
+"""Small reachability helpers for the lab: TCP listeners that say which host answered.
 
 Used by the lab's own tests, by `tcpcp lab status --reach` and by the demo.
 """
@@ -10,12 +9,8 @@ import contextlib
 import errno
 import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-from ops import capture as _capture
 from ops import netns
-from ops.capture import Segment
 from ops.lab import Lab
 
 
@@ -101,43 +96,3 @@ def reachable(lab: Lab, src: str, address: str, port: int, timeout: float = 5.0)
 
 _FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."), (0x20, "U"),
                  (0x40, "E"), (0x80, "W"))
-
-
-def describe(seg: Segment) -> str:
-    """A segment in tcpdump's words: `10.0.0.2.80 > 10.0.0.5.4000: Flags [S.], seq 1, ...`."""
-    flags = "".join(letter for bit, letter in _FLAG_LETTERS if seg.flags & bit) or "none"
-    src = f"{seg.src}.{seg.sport}"
-    dst = f"{seg.dst}.{seg.dport}"
-    return (f"IP{'6' if seg.family == 6 else ''} {src} > {dst}: Flags [{flags}], seq {seg.seq}, "
-            f"ack {seg.ack}, win {seg.window}, length {seg.payload_len}")
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """Deprecated: ops.capture.Segment. A segment's capture time and tcpdump-style line."""
-
-    time: float
-    line: str
-
-
-class Capture(_capture.Capture):
-    """Deprecated: ops.capture.Capture.in_lab(lab, host, interface, bpf_filter). tcpdump in a
-    lab host; packets() gives the segments as tcpdump-style lines."""
-
-    def __init__(self, lab: Lab, host: str, interface: str, bpf_filter: str = "",
-                 snaplen: int = 128) -> None:
-        super().__init__(lab.netns(host), interface, bpf_filter, snaplen=snaplen)
-        self.lab, self.host = lab, host
-
-    def packets(self) -> list[Packet]:
-        return [Packet(s.at, describe(s)) for s in self.segments()]
-
-    def remove(self) -> None:
-        """Nothing to remove: the capture is kept in memory."""
-
-
-@contextlib.contextmanager
-def capture(lab: Lab, host: str, interface: str, bpf_filter: str = "") -> Iterator[Capture]:
-    """Deprecated: `with Capture.in_lab(lab, host, interface, bpf_filter) as cap:`."""
-    with Capture(lab, host, interface, bpf_filter) as cap:
-        yield cap

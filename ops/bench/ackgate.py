@@ -28,7 +28,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import structlog
@@ -40,7 +39,8 @@ from kernel import patch_gate
 from kernel.gatebackend import Gate, open_gate
 from kernel.patch_gate import Backend
 from kernel.seq import seq_diff
-from ops import gatelab, netns
+from ops import gatelab
+from ops.capture import ACK
 from ops.lab import Lab
 
 log = structlog.get_logger(component="tcpcp.ops.bench.ackgate")
@@ -112,9 +112,7 @@ def _upload(lab: Lab, port: int, size: int, gate: Gate | None, policy: CommitPol
 
 
 def _latency(lab: Lab, gate: Gate, port: int, messages: int) -> list[float]:
-    pcap = Path(tempfile.mkstemp(prefix="ackgate-", suffix=".pcap")[1])
-    cap = gatelab.start_capture(netns.command(lab.netns("gw"), []), "p-origin", pcap,
-                                f"tcp src port {port}")
+    cap = gatelab.gateway_capture(lab, f"tcp src port {port}").start()
     srv = lab.call("origin", gatelab.listener, 4, port)
     try:
         gate.guard_listen(srv)
@@ -127,10 +125,8 @@ def _latency(lab: Lab, gate: Gate, port: int, messages: int) -> list[float]:
         commits = fut.result(timeout=120).commits
     finally:
         srv.close()
-        gatelab.stop_capture(cap)
-    acks = [(c.time, c.ack) for c in gatelab.read_pcap(pcap)
-            if c.sport == port and c.flags & 0x10]
-    pcap.unlink()
+        cap.stop()
+    acks = [(s.at, s.ack) for s in cap.segments() if s.sport == port and s.flags & ACK]
     samples, j = [], 0
     for t, seq in commits:
         while j < len(acks) and acks[j][0] < t:
