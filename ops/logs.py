@@ -41,6 +41,14 @@ def configure(fmt: str | None = None, level: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_: object) -> structlog.PrintLogger:
+    """A logger writing to whatever sys.stderr is when the line is logged (not when logging was
+    configured): a stream replaced and closed meanwhile (a test's captured stderr) is never
+    written to."""
+    return structlog.PrintLogger(sys.stderr)
+

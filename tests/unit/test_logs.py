@@ -63,3 +63,22 @@ def test_the_component_name_is_on_every_line(capsys: pytest.CaptureFixture[str])
     structlog.get_logger(component="tcpcp.test").bind(conn="a>b").info("restored")
     line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert line["component"] == "tcpcp.test" and line["conn"] == "a>b"
+
+
+def test_lines_go_to_the_stderr_of_the_moment_not_the_one_at_configure_time(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    old = sys.stderr
+    first = io.StringIO()
+    sys.stderr = first
+    try:
+        logs.configure("json", "info")
+        first.close()  # as a test's captured stream is, once the test ends
+        second = io.StringIO()
+        sys.stderr = second
+        structlog.get_logger(component="tcpcp.test").info("still_logged")
+    finally:
+        sys.stderr = old
+    assert "still_logged" in second.getvalue()
