@@ -475,6 +475,8 @@ def test_an_ecn_flow_is_refused_by_default_and_continues_without_ecn_when_downgr
         ici = repair.dump(origin, stay_in_repair=True)
         repair.discard(origin)
         policy = RestorePolicy.serving(lab.service(4))
+        with lab.enter("standby"):  # the kernel's ECN answer, probed (with its own throwaway
+            assert not repair.kernel_restores_ecn()  # socket) before counting restore's
         with lab.enter("standby"), sockets_created() as made, pytest.raises(
                 IciRejected, match="ecn: expected a flow without ECN"):
             repair.restore(ici, policy)
