@@ -34,6 +34,7 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -764,6 +765,16 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def kernel_queue_maxima(floor: int = 16 << 20) -> tuple[int, int]:
+    """(send, receive): the most this network namespace's kernel lets a socket queue
+    (tcp_wmem and tcp_rmem maxima), at least floor."""
+    def top(name: str) -> int:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read().split()[2])
+
+    return max(top("tcp_wmem"), floor), max(top("tcp_rmem"), floor)
+
+
 def _hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -795,8 +806,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="uid besides root and this process's that may use the control socket")
     p.add_argument("--serve", action="append", default=[],
                    help="local address this host may restore connections for (repeatable)")
-    p.add_argument("--max-queue", type=int, default=16 << 20,
-                   help="largest send or receive queue a restored connection may carry (bytes)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="largest send or receive queue a restored connection may carry, in bytes "
+                   "(default: what this kernel lets a socket queue, tcp_wmem and tcp_rmem's "
+                   "maxima, at least 16 MiB: a slow reader's connection stays passable)")
+    p.add_argument("--max-transfer", type=int, default=256 << 20,
+                   help="largest batch of passed connections this host reads, in bytes")
     p.add_argument("--isolation", choices=("gate", "nft"), default="gate",
                    help="how passed flows are isolated: the ACK gate's freeze plus the ingress "
                    "quarantine on eth0 (default), or nftables drops (no BPF needed)")
@@ -811,13 +826,16 @@ def main(args: argparse.Namespace) -> int:
     raise_fd_limit()
     keyring = load_keyring(args.keys)
     policy = RestorePolicy.serving(*args.serve)
-    policy = RestorePolicy(policy.local_addresses, args.max_queue, args.max_queue)
+    send_max, recv_max = kernel_queue_maxima()
+    policy = dataclasses.replace(policy, max_send_queue=args.max_queue or send_max,
+                                 max_recv_queue=args.max_queue or recv_max)
     isolation: FlowIsolation = (GateIsolation("eth0") if args.isolation == "gate"
                                 else Isolation(table=f"tcpcp_demo_{os.getpid()}"))
     receiver = None
     if args.accept_from:
         receiver = Receiver(Acceptance(args.name, frozenset(args.accept_from)), keyring, policy,
                             isolation=isolation, accept_state=AppState.decode,
+                            limits=Limits.for_policy(policy, max_frame=args.max_transfer),
                             timeout_s=args.transfer_timeout)
     server = DemoServer(args.listen, args.port, args.control, name=args.name, keyring=keyring,
                         receiver=receiver, receive_on=args.receive_on, isolation=isolation,
