@@ -90,7 +90,7 @@ def test_connection_restored_from_the_committed_state_receives_the_held_bytes_ex
         committed = (base + COMMITTED) & 0xFFFFFFFF
         checkpoint = dataclasses.replace(
             ici, rcv_nxt=committed, received=b"",
-            window=dataclasses.replace(ici.window, rcv_wup=committed))
+            window=dataclasses.replace(ici.window, rcv_wup=committed, snd_wl1=committed))
         origin_data += G.recv_exactly(conn, READ - COMMITTED)  # read, never committed
         G.observe_for(0.3)  # as above: an ACK beyond the commit would have left by now
         lab.crash("origin")
