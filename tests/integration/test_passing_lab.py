@@ -43,6 +43,14 @@ def status(control: str) -> dict[str, Any]:
     return request(control, {"cmd": "status"})
 
 
+@pytest.fixture(autouse=True)
+def quiet_servers(servers: dict[str, str]) -> None:
+    """Each test starts with no connection left on either server (the previous test's peers
+    have closed theirs and the servers have seen it), so passes and counts are its own."""
+    wait_until(lambda: all(status(servers[h])["conns"] == 0 for h in ("origin", "standby")),
+               20, what="no connection left from an earlier test on origin and standby")
+
+
 def tcpcp_pass(lab: Lab, control: str, src: str, dst: str, family: int = 4, *,
                count: int = 0, fault: dict[str, Any] | None = None,
                receive_port: int = RECEIVE_PORT) -> dict[str, Any]:

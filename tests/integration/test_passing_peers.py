@@ -38,6 +38,13 @@ def status(control: str) -> dict[str, Any]:
     return request(control, {"cmd": "status"})
 
 
+@pytest.fixture(autouse=True)
+def quiet_servers(servers: dict[str, str]) -> None:
+    """Each test starts with no connection left on either server from an earlier one."""
+    wait_until(lambda: all(status(servers[h])["conns"] == 0 for h in ("origin", "standby")),
+               20, what="no connection left from an earlier test on origin and standby")
+
+
 class Passer:
     """Passes every connection origin -> standby -> origin ... at random moments, in a thread,
     until stopped or ROUNDS passes are done; records every report."""
