@@ -173,7 +173,7 @@ def test_stopped_redis_freezes_before_the_ttl_and_thaws_when_it_returns(
     proc = redis_server.proc
     assert proc is not None
     with keeper_on(redis_server.url, keyring, flows) as (keeper, store, metrics):
-        time.sleep(0.5)
+        wait_until(lambda: len(store.ok_sent) >= 2, 5, what="the lease renewed once")
         proc.send_signal(signal.SIGSTOP)
         try:
             wait_until(lambda: "freeze" in flows.names(), 3 * TTL_MS / 1000,

@@ -31,6 +31,7 @@ from checkpointer.metrics import (
     format_value,
     serve,
 )
+from ops.wait import wait_until
 
 # --- a strict parser of the text format 0.0.4 ---------------------------------------------------
 
@@ -414,22 +415,16 @@ def test_a_slow_trickling_client_is_cut_at_the_deadline(server: MetricsServer) -
 def test_more_clients_than_allowed_are_turned_away_and_service_resumes() -> None:
     with MetricsServer(Registry(), ("127.0.0.1", 0), deadline_s=1.0, max_clients=2) as s:
         hogs = [socket.create_connection(s.address, timeout=5) for _ in range(2)]
-        time.sleep(0.2)
+        # both hogs hold a slot once the server has accepted them
+        wait_until(lambda: s._server._slots._value == 0, 5,  # type: ignore[attr-defined]
+                   what="both slots taken")
         try:
             extra = raw(s, b"GET /metrics HTTP/1.1\r\n\r\n")
             assert extra == b""  # closed at once: no slot
         finally:
             for sock in hogs:
                 sock.close()
-        deadline = time.monotonic() + 3
-        while True:
-            try:
-                assert scrape(s) == {}
-                break
-            except (urllib.error.URLError, ConnectionError, AssertionError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_until(lambda: scrape(s) == {}, 5, what="scrapes served again")
 
 
 def test_serve_without_an_address_starts_nothing() -> None:
