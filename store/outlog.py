@@ -120,16 +120,8 @@ def decode_output(data: bytes, keys: KeyRing, *, origin: str, conn: str, offset:
         raise RecordCorrupt(f"{NOUN} must be bytes, got {type(data).__name__}")
     data = bytes(data)
     r = _Reader(data, NOUN)
-    magic = r.take(4, "magic")
-    if magic != MAGIC:
-        raise RecordCorrupt(f"{NOUN} must start with {MAGIC!r}, got {magic!r}")
-    fmt = r.byte("format version")
-    if fmt != FORMAT:
-        raise RecordCorrupt(f"{NOUN} format must be {FORMAT}, got {fmt}")
-    key_len = r.byte("key id length")
-    raw_key = r.take(key_len, "key id")
-    if not raw_key.isascii():
-        raise RecordCorrupt(f"key id must be ASCII, got {raw_key!r}")
+    raw_key = r.preamble(MAGIC, FORMAT)
+    key_len = len(raw_key)
     signed_origin = r.text("origin name")
     signed_conn = r.text("connection name")
     epoch, signed_offset = _NUMBERS.unpack(r.take(_NUMBERS.size, "numbers"))

@@ -157,6 +157,20 @@ class _Reader:
     def byte(self, what: str) -> int:
         return self.take(1, what)[0]
 
+    def preamble(self, magic: bytes, fmt: int) -> bytes:
+        """The magic, format version and key id (ASCII, empty when unsigned) that start every
+        signed store entry; RecordCorrupt naming what was expected."""
+        got = self.take(len(magic), "magic")
+        if got != magic:
+            raise RecordCorrupt(f"{self.noun} must start with {magic!r}, got {got!r}")
+        version = self.byte("format version")
+        if version != fmt:
+            raise RecordCorrupt(f"{self.noun} format must be {fmt}, got {version}")
+        raw_key = self.take(self.byte("key id length"), "key id")
+        if not raw_key.isascii():
+            raise RecordCorrupt(f"key id must be ASCII, got {raw_key!r}")
+        return raw_key
+
     def text(self, what: str) -> str:
         raw = self.take(self.byte(f"{what} length"), what)
         try:
@@ -185,16 +199,8 @@ def _parse(data: bytes, limits: Limits) -> _Parsed:
     if len(data) > limits.max_record:
         raise RecordTooLarge(f"record must be at most {limits.max_record} bytes, got {len(data)}")
     r = _Reader(data)
-    magic = r.take(4, "magic")
-    if magic != MAGIC:
-        raise RecordCorrupt(f"record must start with {MAGIC!r}, got {magic!r}")
-    fmt = r.byte("format version")
-    if fmt != FORMAT:
-        raise RecordCorrupt(f"record format must be {FORMAT}, got {fmt}")
-    key_len = r.byte("key id length")
-    raw_key = r.take(key_len, "key id")
-    if not raw_key.isascii():
-        raise RecordCorrupt(f"key id must be ASCII, got {raw_key!r}")
+    raw_key = r.preamble(MAGIC, FORMAT)
+    key_len = len(raw_key)
     origin = r.text("origin name")
     conn = r.text("connection name")
     epoch, version, time_ns, inbound, outbound = _NUMBERS.unpack(r.take(_NUMBERS.size, "numbers"))
