@@ -71,6 +71,9 @@ FLOW_RULE_PRIORITIES = (1000, 1001)
 T = TypeVar("T")
 
 
+_RTAX_RTO_MIN = 13  # rtnetlink route metric
+
+
 class LabError(RuntimeError):
     """The lab could not be built, changed or found."""
 
@@ -552,6 +555,28 @@ class Lab:
 
     def sysctl_get(self, host: str, key: str) -> str:
         return netns.sysctl_read(self.netns(host), key)
+
+    @contextlib.contextmanager
+    def slow_retransmissions(self, host: str, rto_min_ms: int) -> Iterator[None]:
+        """Inside, connections `host` opens wait at least rto_min_ms before retransmitting:
+        its default routes carry a locked rto_min metric (the kernel ignores an unlocked one,
+        tcp_rto_min in tcp.h). For tests that hold the other side's ACKs on a loaded machine,
+        where the ordinary 200 ms timer can fire first. A socket keeps the route it connected
+        with: open the connection inside."""
+        h = self.host(host)
+        via4, via6 = ((CLIENT_V4 + "1", CLIENT_V6 + "1") if h.name == "peer"
+                      else (self.hosts["gw"].v4, self.hosts["gw"].v6))
+        routes = ((via4, socket.AF_INET), (via6, socket.AF_INET6))
+        with self._netlink(host) as ipr:
+            for via, af in routes:
+                ipr.route("replace", dst="default", gateway=via, family=af,
+                          metrics={"rto_min": rto_min_ms, "lock": 1 << _RTAX_RTO_MIN})
+        try:
+            yield
+        finally:
+            with self._netlink(host) as ipr:
+                for via, af in routes:
+                    ipr.route("replace", dst="default", gateway=via, family=af)
 
     def pids(self, host: str) -> list[int]:
         return netns.pids(self.netns(host))

@@ -34,14 +34,19 @@ T = TypeVar("T")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _names = itertools.count()
 
+RTAX_RTO_MIN = 13  # the kernel honours the metric only when locked (tcp_rto_min, tcp.h)
 ADDRS = {4: ("10.99.0.10", "10.99.0.2", 24), 6: ("fd99::10", "fd99::2", 64)}
 
 
 class VethPair:
     """Namespaces `origin` and `peer`, each with eth0 (MTU 1500) of one veth pair, IPv4+IPv6."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, peer_rto_min_ms: int | None = None) -> None:
+        """peer_rto_min_ms: the peer's routes to the origin carry this minimum RTO (route
+        metric rto_min), so its retransmission timer cannot fire during a test that holds the
+        origin's ACKs on a slow guest."""
         tag = f"kg{os.getpid()}x{next(_names)}"
+        self._peer_rto_min_ms = peer_rto_min_ms
         self.origin_ns, self.peer_ns = f"{tag}o", f"{tag}p"
         self._tag = tag
 
@@ -55,8 +60,8 @@ class VethPair:
                 b = ip.link_lookup(ifname=f"{self._tag}b")[0]
                 ip.link("set", index=a, net_ns_fd=self.origin_ns)
                 ip.link("set", index=b, net_ns_fd=self.peer_ns)
-            self._setup(self.origin_ns, f"{self._tag}a", 0)
-            self._setup(self.peer_ns, f"{self._tag}b", 1)
+            self._setup(self.origin_ns, f"{self._tag}a", 0, None)
+            self._setup(self.peer_ns, f"{self._tag}b", 1, self._peer_rto_min_ms)
         except BaseException:
             self.close()
             raise
@@ -71,7 +76,7 @@ class VethPair:
             netns.remove(name)
 
     @staticmethod
-    def _setup(ns: str, ifname: str, side: int) -> None:
+    def _setup(ns: str, ifname: str, side: int, rto_min_ms: int | None) -> None:
         def setup() -> None:
             with IPRoute() as ip:
                 idx = ip.link_lookup(ifname=ifname)[0]
@@ -84,6 +89,11 @@ class VethPair:
                     ip.addr("add", index=idx, address=origin if side == 0 else peer,
                             prefixlen=plen, family=socket.AF_INET if family == 4
                             else socket.AF_INET6)
+                    if rto_min_ms is not None:
+                        ip.route("add", dst=f"{origin}/{32 if family == 4 else 128}",
+                                 oif=idx, metrics={"rto_min": rto_min_ms,
+                                                    "lock": 1 << RTAX_RTO_MIN},
+                                 family=socket.AF_INET if family == 4 else socket.AF_INET6)
         run_in(ns, setup)
 
     def origin_addr(self, family: int) -> str:

@@ -124,9 +124,19 @@ def test_a_gated_origin_sends_no_sack_block_above_the_commit(pair: VethPair) -> 
             assert not after(end, commit), f"SACK block {start}-{end} above commit {commit}"
 
 
+@pytest.fixture
+def patient_pair() -> Iterator[VethPair]:
+    """A pair whose peer waits 30 s before retransmitting: it has nothing to send but the
+    retransmission of its held bytes, which a slow guest under load could otherwise fire
+    before the commit (seen once in a stressed run)."""
+    with VethPair(peer_rto_min_ms=30_000) as p:
+        yield p
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_commit_sends_its_ack_before_the_peer_sends_anything_else(
-        pair: VethPair, family: int) -> None:
+        patient_pair: VethPair, family: int) -> None:
+    pair = patient_pair
     gate = PatchGate()
     with Capture(pair.peer_ns, "eth0", "tcp") as cap:
         server, client = pair.connect(family, guard_listen=True)
