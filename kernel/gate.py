@@ -239,6 +239,22 @@ class AckGate:
         the same interface and namespace takes them over."""
         self._teardown(unpin=True)
 
+    def leave(self) -> None:
+        """Close this process's handles but leave the filter attached and the maps pinned (only
+        with pin_root): guarded flows stay gated at their last commit, and the next gate with
+        the same pin_root on this interface and namespace takes them over. What a daemon does
+        on SIGTERM: stopping must never release an ACK that was not committed."""
+        if self.pin_root is None:
+            raise GateError("leave() needs pin_root: an unpinned gate's state dies with it")
+        self._syn_hook = self._hook = None  # attached filters stay, holding the program
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+        self.log.info("gate_left_attached", pin_dir=str(self.pin_dir))
+
     def _teardown(self, unpin: bool) -> None:
         for hook in (self._syn_hook, self._hook):
             if hook is not None:

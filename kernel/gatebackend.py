@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import weakref
+from pathlib import Path
 from types import TracebackType
 
 import structlog
@@ -39,8 +40,10 @@ def socket_flow(sock: socket.socket) -> Flow:
 class Gate:
     """The ACK gate with the verbs both backends share; open it as a context manager."""
 
-    def __init__(self, backend: Backend, ifname: str, netns: str | None) -> None:
+    def __init__(self, backend: Backend, ifname: str, netns: str | None,
+                 pin_root: Path | None = None) -> None:
         self.backend = backend
+        self.pin_root = pin_root
         self.ifname = ifname
         self.netns = netns
         self._bpf: AckGate | None = None
@@ -56,7 +59,8 @@ class Gate:
             if self.backend is Backend.PATCH:
                 self._patch = PatchGate()
             else:
-                self._bpf = AckGate(self.ifname, netns=self.netns).__enter__()
+                self._bpf = AckGate(self.ifname, netns=self.netns,
+                                    pin_root=self.pin_root).__enter__()
             log.info("gate_opened", backend=self.backend.value, ifname=self.ifname,
                      netns=self.netns)
         return self
@@ -74,6 +78,20 @@ class Gate:
             self._bpf.detach()
             self._bpf = None
         self._patch = None
+
+    def leave(self) -> None:
+        """Stop using the gate without ungating anything: the eBPF gate stays attached with its
+        maps pinned (needs pin_root) for the next process to take over; patched sockets stay
+        gated by the kernel."""
+        if self._bpf is not None:
+            self._bpf.leave()
+            self._bpf = None
+        self._patch = None
+
+    @property
+    def reattached(self) -> bool:
+        """The eBPF gate took over the pinned state a previous process left."""
+        return self._bpf is not None and self._bpf.reattached
 
     @property
     def bpf_gate(self) -> AckGate:
@@ -120,6 +138,12 @@ class Gate:
             return self.patch_gate.commit(sock, seq)
         return self.bpf_gate.commit(self._flow(sock), seq)
 
+    def forget(self, sock: socket.socket) -> None:
+        """Stop gating sock's flow (its stream was committed to the end): the eBPF gate drops
+        its map entry; a patched socket's gate ends with the socket."""
+        if self.backend is Backend.BPF:
+            self.bpf_gate.forget(self._flow(sock))
+
     def _flow(self, sock: socket.socket) -> Flow:
         flow = self._flows.get(sock)
         if flow is None:
@@ -138,13 +162,14 @@ def _closed_or_other(backend: Backend, wanted: Backend) -> GateUnavailable:
 
 
 def open_gate(ifname: str, *, backend: Backend | str | None = None,
-              netns: str | None = None) -> Gate:
+              netns: str | None = None, pin_root: Path | None = None) -> Gate:
     """The gate for ifname in netns (both used by bpf only), opened; close() it or use it as a
     context manager.
 
     backend None: patch when the running kernel has TCP_COMMIT_SEQ, else bpf; "patch" on a
-    kernel without it raises OptionAbsent."""
-    return Gate(select_backend(backend), ifname, netns).open()
+    kernel without it raises OptionAbsent. pin_root: the eBPF gate's maps are pinned there
+    and survive this process (kernel/gate.py)."""
+    return Gate(select_backend(backend), ifname, netns, pin_root).open()
 
 
 __all__ = ["Backend", "Gate", "GateUnavailable", "commit_option_present", "open_gate",

@@ -54,10 +54,16 @@ def test_every_command_explains_itself_with_help() -> None:
 
 
 def test_placeholders_say_they_are_placeholders() -> None:
-    for name in ("checkpointer", "resurrector"):
-        r = subprocess.run([BIN + name], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2
-        assert "not implemented yet" in r.stderr
+    r = subprocess.run([BIN + "resurrector"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "not implemented yet" in r.stderr
+
+
+def test_the_checkpointer_without_configuration_names_what_it_needs() -> None:
+    r = subprocess.run([BIN + "checkpointer"], capture_output=True, text=True, timeout=60,
+                       env={"PATH": os.environ["PATH"]})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("checkpointer: ") and "expected" in r.stderr
 
 
 def test_demo_runs_to_the_end() -> None:
