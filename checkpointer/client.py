@@ -82,11 +82,38 @@ class Guarded:
     def commit(self, state: bytes, *, consumed: int, produced: int | None = None,
                end_of_stream: bool = False, outbound: bytes | None = None) -> None:
         """Make (state, consumed, produced) the connection's durable checkpoint; see
-        Checkpointer.commit."""
-        got = self.client.commit(self.id, state, consumed=consumed,
-                                 produced=self.produced if produced is None else produced,
-                                 end_of_stream=end_of_stream, outbound=outbound)
+        Checkpointer.commit.
+
+        When the agent went away (restarted, or killed and restarted) the client connects
+        again and registers the connection anew at this commit's positions, which is why
+        `consumed` must count every byte read from the socket (keep a partial request in the
+        state) and `produced` every byte written: the new registration anchors the stream
+        positions on the socket's kernel state."""
+        produced = self.produced if produced is None else produced
+        try:
+            got = self.client.commit(self.id, state, consumed=consumed, produced=produced,
+                                     end_of_stream=end_of_stream, outbound=outbound)
+        except ApiError as exc:
+            if not self.client.recoverable(exc) or end_of_stream:
+                raise
+            self._register_again(state, consumed, produced, outbound)
+            return
         self.consumed, self.produced, self.state = got.consumed, got.produced, state
+
+    def _register_again(self, state: bytes, consumed: int, produced: int,
+                        outbound: bytes | None) -> None:
+        self.client.reconnect()
+        before = produced - len(outbound or b"")
+        fresh = self.client.guard(self.sock, contract=self.contract, consumed=consumed,
+                                  produced=before, state=state)
+        self.id = fresh.id
+        self.consumed, self.produced, self.state = consumed, before, state
+        if outbound:
+            got = self.client.commit(self.id, state, consumed=consumed, produced=produced,
+                                     outbound=outbound)
+            self.produced = got.produced
+        log.info("connection_registered_again", id=self.id, consumed=consumed,
+                 produced=produced)
 
     def end_of_stream(self, direction: Direction, position: int) -> None:
         self.client.end_of_stream(self.id, direction, position)
@@ -112,6 +139,7 @@ class Checkpointer:
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
         self._broken: ApiError | None = None
+        self._reconnect_lock = threading.Lock()
         self.version = api.VERSION
         self.limits = api.Limits()
 
@@ -145,10 +173,48 @@ class Checkpointer:
             raise ApiError(ErrorCode.UNKNOWN_KIND, f"expected HELLO_OK, got "
                            f"{api.kind_of(reply).name}")
         self.version, self.limits = reply.version, reply.limits
-        self._reader = threading.Thread(target=self._read_replies, daemon=True,
-                                        name="tcpcp-client-replies")
+        self._reader = threading.Thread(target=self._read_replies, args=(sock, self._closed),
+                                        daemon=True, name="tcpcp-client-replies")
         self._reader.start()
         return self
+
+    def recoverable(self, exc: ApiError) -> bool:
+        """Whether exc means the agent went away (or forgot this client's ids): a new
+        connection and registration can go on."""
+        return exc.code in (ErrorCode.DISCONNECTED, ErrorCode.UNKNOWN_CONNECTION,
+                            ErrorCode.DEADLINE) or isinstance(exc, CheckpointerUnavailable)
+
+    def reconnect(self, timeout_s: float | None = None) -> None:
+        """Connect again after the agent went away, retrying until timeout_s (default: the
+        client's timeout). Requests in flight on the old connection have failed already. One
+        thread reconnects; the others wait for it and reuse its connection."""
+        with self._reconnect_lock:
+            if self._sock is not None and self._broken is None:
+                return  # another thread reconnected meanwhile
+            deadline = time.monotonic() + (timeout_s or self.timeout_s)
+            while True:
+                self._drop()
+                self._broken = None
+                self._closed = threading.Event()
+                try:
+                    self.connect()
+                    log.info("checkpointer_reconnected", path=str(self.path))
+                    return
+                except ApiError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
+
+    def _drop(self) -> None:
+        self._closed.set()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(2)
+        self._reader = None
 
     def close(self) -> None:
         self._closed.set()
@@ -254,11 +320,9 @@ class Checkpointer:
             future.set_exception(exc)
         return future
 
-    def _read_replies(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    def _read_replies(self, sock: socket.socket, closed: threading.Event) -> None:
         try:
-            while not self._closed.is_set():
+            while not closed.is_set():
                 ready, _, _ = select.select([sock], [], [], 0.5)
                 if not ready:
                     continue
@@ -280,10 +344,10 @@ class Checkpointer:
                 else:
                     future.set_result(reply)
         except ApiError as exc:
-            if not self._closed.is_set():
+            if not closed.is_set():
                 self._break(exc)
         except (OSError, ValueError) as exc:
-            if not self._closed.is_set():
+            if not closed.is_set():
                 self._break(CheckpointerUnavailable(ErrorCode.DISCONNECTED,
                                                     f"reading the agent's replies failed: {exc}"))
 
