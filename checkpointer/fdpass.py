@@ -383,8 +383,9 @@ def check_descriptor(fd: int, guarded: Guarded,
         host, port = sock.getsockname()[:2]
         local = (_ip(host), int(port))
         if not guarded.covers(*local):
-            raise ApiError(ErrorCode.NOT_GUARDED, f"{what}: local address "
-                           f"{_endpoint(*local)} is not guarded (guarded: {guarded})")
+            raise ApiError(ErrorCode.NOT_GUARDED, f"{what}: expected a local address the "
+                           f"agent guards ({guarded}), got {_endpoint(*local)}, which is not "
+                           "guarded")
         peer = None
         if state is not TcpState.LISTEN:
             phost, pport = sock.getpeername()[:2]

@@ -44,7 +44,9 @@ class AgentProcess:
                  extra: Sequence[str] = ()) -> None:
         self.lab, self.host, self.origin = lab, host, origin
         self.workdir = workdir
-        self.socket_path = workdir / "agent.sock"
+        # in /run, not in workdir: a test's client of another uid must reach it (SO_PEERCRED
+        # decides who may talk, not the directory)
+        self.socket_path = Path("/run") / f"tcpcp-test-{os.getpid()}-{workdir.name}" / "agent.sock"
         self.log_path = workdir / "agent.log"
         # a private bpffs: a test's gate never meets another test's pinned maps, and the
         # host's /sys/fs/bpf (mounted or not) is left alone
@@ -125,3 +127,7 @@ class AgentProcess:
         if self._mounted:
             subprocess.run(["umount", "-l", str(self.pin_root)], check=False)
             self._mounted = False
+        with contextlib.suppress(OSError):
+            self.socket_path.unlink()
+        with contextlib.suppress(OSError):
+            self.socket_path.parent.rmdir()

@@ -4,9 +4,11 @@ and on the wire at the gateway (outside the origin)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpointer import api
 from checkpointer.api import ApiError, Contract, ErrorCode
 from checkpointer.client import Checkpointer, Guarded
 from kernel import codec
@@ -262,6 +265,7 @@ def test_partitioned_from_the_store_the_agent_freezes_before_the_ttl_and_recover
             wait_until(lambda: setup.agent.events("flows_frozen"), 10,
                        what="the agent froze its flows")
             frozen_after = time.monotonic() - cut
+            commits_frozen = len(out.commits)
             assert cap.flush()
             mark = cap.mark()
             # the peer retransmits what the origin holds (its timer backs off: up to seconds);
@@ -272,6 +276,7 @@ def test_partitioned_from_the_store_the_agent_freezes_before_the_ttl_and_recover
             assert cap.flush()
             silent = [s for s in cap.segments(since=mark) if s.sport == port]
             heard = [s for s in cap.segments(since=mark) if s.dport == port]
+            commits_before_heal = len(out.commits)
         finally:
             lab.heal("origin")
         wait_until(lambda: setup.agent.events("flows_thawed"), 20, what="the agent thawed")
@@ -286,6 +291,122 @@ def test_partitioned_from_the_store_the_agent_freezes_before_the_ttl_and_recover
     assert frozen_after < 2.0, frozen_after
     assert silent == [], f"the frozen origin sent {len(silent)} segments"
     assert heard, "the peer sent nothing while the origin was frozen (nothing was tested)"
-    assert "UNAVAILABLE" in out.errors  # commits were refused while fenced, not lost
+    # no commit completed while fenced (they waited or were refused, and went on after)
+    assert commits_before_heal == commits_frozen
     assert (out.nbytes, out.sha256) == (total, G.expected_sha256(total))
     assert _acks_not_committed(cap.segments(), port, out, total) == []
+
+
+def _raw_exchange(path: Path, frames: list[bytes], fds: list[int] | None = None,
+                  hello: bool = True) -> bytes:
+    """Send frames on a fresh raw connection (after a HELLO when asked) and return what the
+    agent answered until it closed or went quiet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    try:
+        if hello:
+            s.sendall(api.encode(api.Hello((1,), "raw"), 0))
+            head = s.recv(api.HEADER.size)
+            s.recv(api.HEADER.unpack(head)[5])
+        for i, frame in enumerate(frames):
+            if fds and i == 0:
+                socket.send_fds(s, [frame], fds)
+            else:
+                s.sendall(frame)
+        data = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            s.settimeout(3)
+            while chunk := s.recv(65536):
+                data += chunk
+                if len(data) >= api.HEADER.size and \
+                        len(data) >= api.HEADER.size + api.HEADER.unpack(
+                            data[:api.HEADER.size])[5]:
+                    break
+        return data
+    finally:
+        s.close()
+
+
+def _error_of(answer: bytes) -> api.Error:
+    _, reply = api.parse_reply(answer, api.Limits(), None if answer[4] == 0 else answer[4])
+    assert isinstance(reply, api.Error), reply
+    return reply
+
+
+def test_each_bad_input_is_refused_clearly_while_another_connection_keeps_committing(
+        setup: Setup, tmp_path: Path) -> None:
+    lab, port, total = setup.lab, setup.agent.port, 6_000_000  # type: ignore[attr-defined]
+    path = setup.agent.socket_path
+    out, release = Sink(), threading.Event()
+    fut = lab.submit("origin", committing_sink, path, port, out, release, 65536, 0.01)
+    uploader = lab.popen("peer", G.uploader_argv(lab.service(4), port, total),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: out.nbytes > 300_000, 60, what="the good connection committing")
+        v = 1
+        refusals: dict[str, api.Error] = {}
+        before = len(out.commits)
+        refusals["garbage"] = _error_of(_raw_exchange(path, [b"GET / HTTP/1.1\r\n\r\n"]))
+        huge = api.HEADER.pack(api.MAGIC, v, api.Kind.COMMIT, 0, 7, 1 << 30)
+        refusals["oversized"] = _error_of(_raw_exchange(path, [huge]))
+        refusals["unknown id"] = _error_of(_raw_exchange(
+            path, [api.encode(api.Commit(424242, b"", 0, 0), 9, v)]))
+        r, w = os.pipe()
+        try:
+            refusals["a pipe"] = _error_of(_raw_exchange(
+                path, [api.encode(api.RegisterConnection(0, 0, Contract.REGENERABLE), 3, v)],
+                [r]))
+        finally:
+            os.close(r)
+            os.close(w)
+
+        def in_origin(kind: str) -> api.Error:
+            if kind == "udp":
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            elif kind == "unconnected":
+                s = socket.socket()  # a TCP socket neither connected nor listening
+            else:  # a listener on a port nobody guards
+                s = G.listener(4, 5998)
+            try:
+                req = api.RegisterListener(Contract.REGENERABLE) if kind == "unguarded" \
+                    else api.RegisterConnection(0, 0, Contract.REGENERABLE)
+                return _error_of(_raw_exchange(path, [api.encode(req, 4, v)], [s.fileno()]))
+            finally:
+                s.close()
+        for kind in ("udp", "unconnected", "listener as connection", "unguarded"):
+            refusals[kind] = lab.call("origin", in_origin, kind)
+        # a client that hangs up in the middle of a frame
+        half = api.encode(api.Commit(1, b"x" * 100, 0, 0), 5, v)[:30]
+        assert _raw_exchange(path, [half]) == b""
+
+        # a client whose uid is not allowed (SO_PEERCRED)
+        def as_nobody() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+        nobody = subprocess.run(
+            ["/usr/bin/python3", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); "
+             f"s.connect({str(path)!r}); s.settimeout(5); sys.stdout.buffer.write(s.recv(2000))"],
+            capture_output=True, preexec_fn=as_nobody, timeout=30)
+        refusals["uid"] = _error_of(nobody.stdout)
+        during = len(out.commits) - before
+        _, err = uploader.communicate(timeout=120)
+        assert uploader.returncode == 0, err
+        release.set()
+        fut.result(timeout=60)
+    finally:
+        release.set()
+        uploader.kill()
+    codes = {k: e.code for k, e in refusals.items()}
+    assert codes == {"garbage": ErrorCode.MALFORMED, "oversized": ErrorCode.TOO_LARGE,
+                     "unknown id": ErrorCode.UNKNOWN_CONNECTION,
+                     "a pipe": ErrorCode.NOT_A_SOCKET, "udp": ErrorCode.NOT_TCP,
+                     "unconnected": ErrorCode.BAD_STATE,
+                     "listener as connection": ErrorCode.BAD_STATE,
+                     "unguarded": ErrorCode.NOT_GUARDED,
+                     "uid": ErrorCode.NOT_AUTHORISED}, refusals
+    for e in refusals.values():
+        assert "expected" in e.message, e.message
+    assert during > 0, "the good connection made no commit while the bad inputs came"
+    assert (out.nbytes, out.sha256) == (total, G.expected_sha256(total))
+    assert setup.agent.proc is not None and setup.agent.proc.poll() is None

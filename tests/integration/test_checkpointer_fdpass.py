@@ -204,8 +204,8 @@ def test_a_socket_on_an_unguarded_address_is_refused_naming_the_guarded_ones(
         err = refusal(unix, server.fileno(), Guarded.of(addresses=[("127.0.0.2", port)],
                                                          ports=[1]))
     assert err.code is ErrorCode.NOT_GUARDED
-    assert err.message.endswith(f"local address 127.0.0.1:{port} is not guarded (guarded: "
-                                f"127.0.0.2:{port}, port 1)")
+    assert err.message.endswith(f"expected a local address the agent guards (127.0.0.2:{port}, "
+                                f"port 1), got 127.0.0.1:{port}, which is not guarded")
 
 
 def test_a_socket_of_another_network_namespace_is_refused(
