@@ -18,6 +18,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -40,7 +41,7 @@ class AgentProcess:
 
     def __init__(self, lab: Lab, host: str, *, store_url: str, keys: Path, guard: Sequence[int],
                  workdir: Path, origin: str = "origin", backend: str = "auto",
-                 ttl_ms: int = 2000, period_ms: int = 200,
+                 ttl_ms: int = 2000, period_ms: int = 200, metrics_port: int | None = None,
                  extra: Sequence[str] = ()) -> None:
         self.lab, self.host, self.origin = lab, host, origin
         self.workdir = workdir
@@ -54,11 +55,14 @@ class AgentProcess:
         self._mounted = False
         self.argv = [str(BIN / "checkpointer"), "--url", store_url, "--keys", str(keys),
                      "--origin", origin, "--socket-path", str(self.socket_path),
-                     "--metrics-address", "", "--interface", "eth0", "--gate-backend", backend,
+                     "--metrics-address", "" if metrics_port is None
+                     else f"127.0.0.1:{metrics_port}",
+                     "--interface", "eth0", "--gate-backend", backend,
                      "--lease-ttl-ms", str(ttl_ms), "--checkpoint-period-ms", str(period_ms),
                      "--log-format", "json", *extra]
         for port in guard:
             self.argv += ["--guard", str(port)]
+        self.metrics_port = metrics_port
         self.proc: subprocess.Popen[Any] | None = None
         self._log: IO[bytes] | None = None
         self.starts = 0
@@ -103,6 +107,21 @@ class AgentProcess:
                 if isinstance(doc, dict) and doc.get("event") == name:
                     out.append(doc)
         return out
+
+    def metrics(self) -> dict[str, float]:
+        """The agent's Prometheus samples ("name{labels}" -> value), scraped inside its host."""
+        assert self.metrics_port is not None, "started without metrics"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return str(r.read().decode())
+        samples = {}
+        for line in self.lab.call(self.host, scrape).splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
 
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, like a crash of the agent alone."""

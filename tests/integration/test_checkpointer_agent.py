@@ -61,7 +61,7 @@ def setup(request: pytest.FixtureRequest, lab: Lab, redis_store: RedisServer,
     port = next(_ports)
     agent = AgentProcess(lab, "origin", store_url=redis_store.url, keys=keys,
                          guard=[port], workdir=tmp_path, backend=request.param,
-                         origin=f"o{port}")
+                         origin=f"o{port}", metrics_port=port + 1000)
     agent.port = port  # type: ignore[attr-defined]
     try:
         agent.start()
@@ -151,6 +151,7 @@ def test_an_upload_is_committed_record_by_record_and_no_ack_passes_the_commit(
         # the record in Redis is the application's last commit
         record = wait_until(lambda: _record_at(setup, out, total), 30,
                             what="the last commit's record in Redis")
+        metrics = setup.agent.metrics()
         release.set()
         fut.result(timeout=60)
     finally:
@@ -168,6 +169,11 @@ def test_an_upload_is_committed_record_by_record_and_no_ack_passes_the_commit(
     leaked = [s for s in segs if s.sport == port and s.flags & ACK and s.ack not in allowed]
     assert leaked == [], f"ACKs of sequences never committed: {leaked[:5]}"
     assert len({s.ack for s in segs if s.sport == port}) > 10  # commits really moved the ACK
+    p = "tcpcp_checkpointer_"
+    assert metrics[p + "commits_total"] >= len(out.commits) + 1
+    assert metrics[p + 'lease_state{state="held"}'] == 1
+    assert metrics[p + "guarded_connections"] == 1
+    assert metrics[p + "commit_latency_seconds_count"] == metrics[p + "commits_total"]
     # closing through the agent removed the record
     wait_until(lambda: _record(setup, out.conn_name) is None, 10,
                what="the closed connection's record removed")
@@ -216,11 +222,12 @@ def _acks_not_committed(segs: list[Segment], port: int, out: Sink, total: int) -
     return [s for s in segs if s.sport == port and s.flags & ACK and s.ack not in allowed]
 
 
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_an_agent_killed_and_restarted_under_load_acknowledges_nothing_uncommitted(
-        setup: Setup, tmp_path: Path) -> None:
-    """SIGKILL mid-upload: the pinned gate holds the ACKs at the last commit while no agent
-    runs; the restarted agent takes the gate over, the library registers the connection
-    again at its next commit, and committing resumes to the end."""
+        setup: Setup, tmp_path: Path, how: str) -> None:
+    """SIGKILL (or SIGTERM) mid-upload: the pinned gate holds the ACKs at the last commit while
+    no agent runs; the restarted agent takes the gate over, the library registers the
+    connection again at its next commit, and committing resumes to the end."""
     lab, port, total = setup.lab, setup.agent.port, 20_000_000  # type: ignore[attr-defined]
     out, release = Sink(), threading.Event()
     cap = Capture.in_lab(lab, "gw", "p-origin", f"tcp port {port}", snaplen=200,
@@ -231,7 +238,11 @@ def test_an_agent_killed_and_restarted_under_load_acknowledges_nothing_uncommitt
         uploader = lab.popen("peer", G.uploader_argv(lab.service(4), port, total),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_until(lambda: out.nbytes > 2_000_000, 60, what="2 MB committed")
-        setup.agent.kill()
+        if how == "SIGKILL":
+            setup.agent.kill()
+        else:
+            assert setup.agent.stop() == 0, setup.agent.log_tail()
+            assert setup.agent.events("gate_left_attached")
         at_kill = out.nbytes
         setup.agent.start()
         _, err = uploader.communicate(timeout=120)
