@@ -4,6 +4,7 @@ and on the wire at the gateway (outside the origin)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -11,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ import pytest
 
 from checkpointer import api
 from checkpointer.api import ApiError, Contract, ErrorCode
-from checkpointer.client import Checkpointer, Guarded
+from checkpointer.client import AsyncCheckpointer, Checkpointer, Guarded
 from kernel import codec
 from kernel.seq import seq_add
 from ops import gatelab as G
@@ -421,3 +423,80 @@ def test_each_bad_input_is_refused_clearly_while_another_connection_keeps_commit
     assert during > 0, "the good connection made no commit while the bad inputs came"
     assert (out.nbytes, out.sha256) == (total, G.expected_sha256(total))
     assert setup.agent.proc is not None and setup.agent.proc.poll() is None
+
+
+def async_echo_server(path: Path, port: int, conns: int, stop: threading.Event) -> list[int]:
+    """In the origin: an asyncio server that guards `conns` connections and, for each line it
+    reads, commits (state: lines seen) and echoes it back (regenerable: the echo is the input).
+    Returns the number of lines each connection committed."""
+    async def main() -> list[int]:
+        lst = G.listener(4, port)
+        lst.setblocking(False)
+        counts: list[int] = []
+        async with AsyncCheckpointer(path, name="async-echo") as cp:
+            await cp.guard_listener(lst)
+            loop = asyncio.get_running_loop()
+
+            async def serve(conn: socket.socket) -> None:
+                conn.setblocking(False)
+                g = await cp.guard(conn)
+                lines = consumed = 0
+                while True:
+                    data = await loop.sock_recv(conn, 65536)
+                    if not data:
+                        await g.commit(b"%d" % lines, consumed=consumed, end_of_stream=True)
+                        break
+                    consumed += len(data)
+                    lines += data.count(b"\n")
+                    await g.commit(b"%d" % lines, consumed=consumed,
+                                   produced=g.produced + len(data))
+                    await loop.sock_sendall(conn, data)
+                counts.append(lines)
+                await g.close()
+                conn.close()
+            tasks = []
+            for _ in range(conns):
+                conn, _ = await loop.sock_accept(lst)
+                tasks.append(asyncio.create_task(serve(conn)))
+            lst.close()
+            await asyncio.gather(*tasks)
+        return counts
+    return asyncio.run(main())
+
+
+ECHO_CLIENT = r"""
+import socket, sys, threading
+host, port, n, lines = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+bad = []
+def one(i):
+    s = socket.create_connection((host, port), timeout=60)
+    f = s.makefile("rb")
+    for j in range(lines):
+        msg = b"conn %d line %d\n" % (i, j)
+        s.sendall(msg)
+        if f.readline() != msg:
+            bad.append((i, j))
+    s.shutdown(socket.SHUT_WR)
+    assert f.read() == b""
+    s.close()
+ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print("bad", len(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_an_asyncio_server_commits_many_connections_at_once_through_one_client(
+        setup: Setup) -> None:
+    lab, port = setup.lab, setup.agent.port  # type: ignore[attr-defined]
+    conns, lines = 20, 50
+    stop = threading.Event()
+    fut = lab.submit("origin", async_echo_server, setup.agent.socket_path, port, conns, stop)
+    client = lab.run("peer", [sys.executable, "-c", ECHO_CLIENT, lab.service(4), str(port),
+                              str(conns), str(lines)],
+                     capture_output=True, text=True, timeout=180)
+    assert client.returncode == 0, client.stdout + client.stderr
+    counts = fut.result(timeout=60)
+    assert sorted(counts) == [lines] * conns
+    metrics = setup.agent.metrics()
+    assert metrics["tcpcp_checkpointer_commits_total"] >= conns * (lines + 1)
