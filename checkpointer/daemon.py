@@ -17,6 +17,7 @@ over), exit 0. SIGKILL leaves the same state behind; the next agent takes it ove
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import sys
@@ -100,6 +101,10 @@ def run(config: cfg.Config, *, ready: threading.Event | None = None,
     """Run the agent until SIGTERM/SIGINT (or `stop`, for tests); the exit status."""
     stop = stop or threading.Event()
     dlog = log.bind(origin=config.origin)
+    # one descriptor per guarded connection: take the hard limit, not the default 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     keys = load_keyring(config.keys_file)
     store = CheckpointStore.connect(cfg.store_with_password(config), keys)
     registry = Registry()
