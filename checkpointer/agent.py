@@ -288,6 +288,7 @@ class Agent:
                     return  # the stream is out of step: close it
                 if got is None:
                     return
+                refusal: api.Error | None = None
                 try:
                     if isinstance(got.request, api.Hello):
                         if version is not None:
@@ -300,16 +301,19 @@ class Agent:
                     self._handle(session, got, slog, _bound(answer, got.request_id))
                 except ApiError as exc:
                     self._refused(slog, exc)
-                    answer(api.Error.of(exc), got.request_id)
+                    refusal = api.Error.of(exc)
                 except Exception as exc:  # a bug must not take the agent down
                     slog.exception("request_failed", kind=type(got.request).__name__)
-                    answer(api.Error(ErrorCode.INTERNAL, f"the agent failed on "
-                                     f"{type(got.request).__name__}: {exc}"[:900]),
-                           got.request_id)
+                    refusal = api.Error(ErrorCode.INTERNAL, f"the agent failed on "
+                                        f"{type(got.request).__name__}: {exc}"[:900])
                 finally:
+                    # the client's descriptors are closed before it hears the answer: once it
+                    # has it, the agent holds nothing of a refused socket (its port is free)
                     for fd in got.fds:
                         with contextlib.suppress(OSError):
                             os.close(fd)
+                if refusal is not None:
+                    answer(refusal, got.request_id)
         finally:
             with self._lock:
                 self._clients.discard(client)

@@ -23,7 +23,7 @@ FORBIDDEN = {
 PURE = ("kernel/ici.py", "kernel/codec.py", "kernel/seq.py", "kernel/sanity.py",
         "kernel/transfer.py", "kernel/pass_states.py", "checkpointer/commit_policy.py",
         "checkpointer/api.py", "checkpointer/lease.py", "checkpointer/snapshot.py",
-        "resurrector/planner.py",
+        "resurrector/planner.py", "ops/apps/resp.py", "ops/apps/httpwire.py",
         "store/record.py", "store/limits.py")
 IO_MODULES = {"socket", "subprocess", "selectors", "asyncio", "redis", "pyroute2", "cffi",
               "fcntl", "ctypes", "os", "shutil", "threading", "multiprocessing", "io",

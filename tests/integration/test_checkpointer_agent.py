@@ -56,13 +56,13 @@ class Setup:
     keys: Path
 
 
-@pytest.fixture(params=["bpf"])
-def setup(request: pytest.FixtureRequest, lab: Lab, redis_store: RedisServer,
-          tmp_path: Path) -> Iterator[Setup]:
+@pytest.fixture
+def setup(lab: Lab, redis_store: RedisServer, tmp_path: Path,
+          gate_backend: str) -> Iterator[Setup]:
     keys = write_keys(tmp_path / "keys.json")
     port = next(_ports)
     agent = AgentProcess(lab, "origin", store_url=redis_store.url, keys=keys,
-                         guard=[port], workdir=tmp_path, backend=request.param,
+                         guard=[port], workdir=tmp_path, backend=gate_backend,
                          origin=f"o{port}", metrics_port=port + 1000)
     agent.port = port  # type: ignore[attr-defined]
     try:

@@ -1,7 +1,8 @@
 """The patched kernel, built from kernel/patches/ and booted under qemu, passes the guest suite
 (tests/kernelguest) over veth at MTU 1500 and the host's gate behaviour tests (the lab's
 test_gate_lab.py, test_gate_crash.py, test_gate_probes.py and test_gate_commit_race.py,
-every test taking `gate_backend`) with backend `patch`; the stock kernel in the same harness
+every test taking `gate_backend`, and one end-to-end commit through the checkpointer daemon)
+with backend `patch`; the stock kernel in the same harness
 reports the option absent and the gate falls back to bpf.
 
 Builds both kernels (cached in TCPCP_KERNEL_CACHE; a cold build takes minutes) and boots each
@@ -28,6 +29,8 @@ GUEST_PYTEST = (".venv/bin/python -m pytest -p no:cacheprovider -q -o addopts= -
 # the lab's gate behaviour tests, run with the patch backend only (bpf runs on the host)
 GATE_BEHAVIOUR = " ".join(
     [f"tests/integration/test_gate_{name}.py" for name in ("lab", "crash", "probes", "commit_race")]
+    + ["tests/integration/test_checkpointer_agent.py::"
+       "test_an_upload_is_committed_record_by_record_and_no_ack_passes_the_commit"]
     + ["-k patch"])
 GATE_BEHAVIOUR_TESTS = {
     "test_gated_50mb_upload_arrives_intact_and_no_ack_above_commit_or_sack_leaves[patch-4]",
@@ -46,6 +49,7 @@ GATE_BEHAVIOUR_TESTS = {
     "test_peer_fin_is_acknowledged_only_once_committed_as_end_plus_one_even_from_time_wait"
     "[patch]",
     "test_no_sack_block_above_the_commit_leaves_a_flow_guarded_mid_connection[patch]",
+    "test_an_upload_is_committed_record_by_record_and_no_ack_passes_the_commit[patch]",
 }
 # tests/kernelguest/test_patch_ecn_repair.py (0005) and its stock counterpart
 ECN_REPAIR_TESTS = {
