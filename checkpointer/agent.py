@@ -639,6 +639,8 @@ class Agent:
             self._reply(w, api.Error(ErrorCode.INTERNAL, f"COMMIT: durable, but the gate did "
                                      f"not move: {exc}"[:900]))
             return
+        c.log.debug("committed", seq=seq, consumed=cp.inbound_consumed,
+                    produced=cp.outbound_produced, version=cp.version, periodic=r is None)
         c.consumed, c.produced, c.state, c.peer_fin = (cp.inbound_consumed,
                                                        cp.outbound_produced, cp.app_state,
                                                        peer_fin)

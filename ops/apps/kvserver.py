@@ -18,10 +18,9 @@ max_outbound; a single larger reply is answered with an error instead).
 
 The state a connection commits (resp.ConnectionState) is the snapshot of the whole key space at
 that commit (resp.KvState: generation, keys sorted) and, rarely, the start of a command still
-arriving: an incomplete command stays in memory and uncounted, unless it is over PENDING_HELD
-bytes; then it goes into the state and counts as consumed, because the ACK gate holds every byte
-not consumed and a peer stops sending once about a congestion window is held (DESIGN.md section
-4): a 50 kB SET would otherwise never finish arriving.
+arriving: it goes into the state and counts as consumed (PENDING_HELD), because the ACK gate
+holds every byte not consumed and a peer stops sending once about a congestion window is held
+(DESIGN.md section 4), and because the library anchors a new registration on what was read.
 
 Writes and their commit are one step under the key-space lock: a batch that changed the key
 space keeps the lock until its commit is durable (and undoes its writes if the commit is
@@ -78,9 +77,11 @@ log = structlog.get_logger(component="tcpcp.ops.apps.kvserver")
 
 RECV_SIZE = 256 << 10
 POLL_MS = 500
-PENDING_HELD = 1024
-"""An incomplete command up to this size stays uncommitted (held by the gate); a larger one is
-committed in the state."""
+PENDING_HELD = 0
+"""An incomplete command longer than this is committed in the state (counted as consumed). 0:
+always, so `consumed` is every byte read, which the library needs when it registers the
+connection again after the agent restarted (checkpointer/client.py, Guarded.commit), and the
+gate never holds a command's start (a 50 kB SET must be able to finish arriving)."""
 LINGER_S = 2.0
 """How long a connection the server ends waits for the peer's FIN."""
 STOP_JOIN_S = 5.0
