@@ -29,13 +29,13 @@ def checksum(data: bytes) -> int:
 
 
 def tcp_packet(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
-               window: int, options: bytes = b"") -> bytes:
-    """An IPv4 (4-byte addresses) or IPv6 (16-byte) packet carrying one TCP segment without
-    data. options must be padded to a multiple of 4 bytes."""
+               window: int, options: bytes = b"", payload: bytes = b"") -> bytes:
+    """An IPv4 (4-byte addresses) or IPv6 (16-byte) packet carrying one TCP segment (with
+    payload, usually none). options must be padded to a multiple of 4 bytes."""
     if len(options) % 4:
         raise ValueError(f"TCP options must be a multiple of 4 bytes, got {len(options)}")
     tcp = _TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                    ((20 + len(options)) // 4) << 4, flags, window, 0, 0) + options
+                    ((20 + len(options)) // 4) << 4, flags, window, 0, 0) + options + payload
     if len(src) == 4:
         pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
         head = _IPV4.pack(0x45, 0, _IPV4.size + len(tcp), 0, 0x4000, TTL, socket.IPPROTO_TCP,

@@ -1,0 +1,103 @@
+"""An upload sink that commits every read through the checkpointer agent: the smallest guarded
+application, for the crash tests and the failover benchmark.
+
+    python -m ops.apps.sink --listen 0.0.0.0:5001 --checkpointer /run/tcpcp/checkpointer.sock
+
+Each connection: read up to --chunk bytes, commit (state: {"n": bytes read so far}, consumed = n),
+think --think-ms, again; at the end of stream commit it (consumed n, end_of_stream), answer one
+byte b"k", close through the agent. Nothing is written before the end, so output is trivially
+regenerable. A standby resumes a connection from its checkpoint with finish(): it reads on from
+position n and answers the same byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from checkpointer.api import ApiError, ErrorCode
+from checkpointer.client import Checkpointer, Guarded
+
+log = structlog.get_logger(component="tcpcp.ops.apps.sink")
+
+
+def state(n: int, end: bool = False) -> bytes:
+    return json.dumps({"n": n, **({"end": True} if end else {})}).encode()
+
+
+def _commit(g: Guarded, n: int, end: bool = False) -> None:
+    """Commit, waiting out UNAVAILABLE (the agent fenced: store unreachable) for up to 60 s."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            g.commit(state(n, end), consumed=n, end_of_stream=end)
+            return
+        except ApiError as exc:
+            if exc.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def serve_one(cp: Checkpointer, conn: socket.socket, chunk: int, think_s: float,
+              on_data: Callable[[bytes], None] | None = None) -> int:
+    """Guard conn, read and commit it to its end, answer b"k", close; the bytes read."""
+    g = cp.guard(conn, state=state(0))
+    n = 0
+    while True:
+        data = conn.recv(chunk)
+        if not data:
+            _commit(g, n, end=True)
+            break
+        n += len(data)
+        if on_data is not None:
+            on_data(data)
+        _commit(g, n)
+        if think_s:
+            time.sleep(think_s)
+    conn.sendall(b"k")
+    g.close()
+    conn.close()
+    return n
+
+
+def finish(sock: socket.socket, on_data: Callable[[bytes], None] | None = None) -> int:
+    """The standby's side: read a resurrected connection to its end, answer b"k", close; the
+    bytes read here."""
+    n = 0
+    while data := sock.recv(1 << 20):
+        n += len(data)
+        if on_data is not None:
+            on_data(data)
+    sock.sendall(b"k")
+    sock.close()
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops.apps.sink", description=__doc__.split(
+        "\n\n")[0])
+    p.add_argument("--listen", required=True, metavar="ADDR:PORT")
+    p.add_argument("--checkpointer", required=True, metavar="SOCKET_PATH")
+    p.add_argument("--chunk", type=int, default=65536, help="bytes read at most per commit")
+    p.add_argument("--think-ms", type=float, default=0.0, help="work after each commit")
+    args = p.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    lst = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
+    with Checkpointer(args.checkpointer, name="sink") as cp:
+        cp.guard_listener(lst)
+        log.info("listening", address=args.listen)
+        while True:
+            conn, _ = lst.accept()
+            threading.Thread(target=serve_one, args=(cp, conn, args.chunk, args.think_ms / 1000),
+                             daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
