@@ -113,7 +113,8 @@ class Run:
     seq: int = 0
     sent_at: int | None = None          # the request in flight, when it was ordered
     replying_sent: int | None = None     # while its reply is fed: when that request was ordered
-    plans_out_at: int | None = None
+    plans_out_at: int | None = None     # when the last planned call ended (then calls succeed)
+    last_planned_in_flight: bool = False
     epoch_at_send: int | None = None
     last_ok_sent: int | None = None      # the driver's own count of the last fresh success
     last_call: int | None = None
@@ -192,9 +193,14 @@ class Run:
     def request(self, action: Action) -> None:
         self.sent_at, self.last_call = self.now, self.now
         self.epoch_at_send = self.m.epoch
+        had_plan = bool(self.plans)
         plan = self.plans.pop(0) if self.plans else Plan()
         if not self.plans and self.plans_out_at is None:
-            self.plans_out_at = self.now
+            # the window to settle in starts once this call has ended: a planned call may
+            # take up to 6 TTLs (there and back, then a timeout), and the retry after it
+            self.last_planned_in_flight = had_plan
+            if not had_plan:
+                self.plans_out_at = self.now
         if plan.dropped:
             self.push(self.now + plan.to_server + plan.back + plan.timeout_ms, "fail", None)
         else:
@@ -211,7 +217,13 @@ class Run:
         else:
             self.push(self.now + plan.back, "reply", outcome)
 
+    def call_ended(self) -> None:
+        if self.last_planned_in_flight:
+            self.last_planned_in_flight = False
+            self.plans_out_at = self.now
+
     def reply(self, outcome: Event) -> None:
+        self.call_ended()
         t = self.timing
         sent, self.sent_at = self.sent_at, None
         assert sent is not None
@@ -254,13 +266,15 @@ class Run:
         elif kind == "fail":
             assert self.sent_at is not None
             self.sent_at = None
+            self.call_ended()
             self.feed(RenewFailed(at, FailReason.UNAVAILABLE, "timeout"))
         else:
             self.reply(payload)  # type: ignore[arg-type]
         return True
 
     def run(self, settle: int) -> None:
-        """Until `settle` ms after the last plan was used (then every call succeeds at once)."""
+        """Until `settle` ms after the last planned call ended (then every call succeeds at
+        once)."""
         steps = 0
         while (self.plans_out_at is None or self.now < self.plans_out_at + settle) \
                 and self.step():
