@@ -31,6 +31,7 @@ last commit) until it registers them again or they close.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -145,6 +146,8 @@ class Agent:
         self._epoch = epoch
         self._held = held
         self._conns: dict[int, Conn] = {}
+        self._by_name: dict[str, Conn] = {}
+        self._registered: collections.Counter[int] = collections.Counter()  # per client
         self._listeners: dict[int, tuple[int, socket.socket]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -321,8 +324,11 @@ class Agent:
                 for c in orphans:
                     c.closed = True
                     self._conns.pop(c.id, None)
+                    if self._by_name.get(c.name) is c:
+                        del self._by_name[c.name]
                 lost = [lid for lid, (owner, _) in self._listeners.items() if owner == session]
                 listeners = [self._listeners.pop(lid)[1] for lid in lost]
+                self._registered.pop(session, None)
                 self.metrics.guarded_connections.set(len(self._conns))
             for c in orphans:
                 c.sock.close()  # the application's descriptor keeps the connection open
@@ -387,6 +393,7 @@ class Agent:
                     raise ApiError(ErrorCode.UNKNOWN_CONNECTION, f"CLOSE: id {req.conn_id} "
                                    "was not issued to this client")
                 del self._listeners[req.conn_id]
+                self._registered[session] -= 1
                 lst.close()
             else:
                 self._close(self._owned(session, req.conn_id, "CLOSE"), "application closed")
@@ -406,15 +413,17 @@ class Agent:
                            "to this client")
         return conn
 
-    def _count(self) -> int:
-        return len(self._conns) + len(self._listeners)
+    def _count(self, session: int) -> int:
+        """Connections and listeners this client has registered (api.Limits.max_connections
+        is per client)."""
+        return self._registered[session]
 
     def _register_listener(self, session: int, fd: int, req: api.RegisterListener,
                            slog: Any) -> int:
         tcp = fdpass.check_descriptor(fd, self.settings.guarded,
                                       frozenset({TcpState.LISTEN}))
         with self._lock:
-            if self._count() >= self.settings.limits.max_connections:
+            if self._count(session) >= self.settings.limits.max_connections:
                 raise ApiError(ErrorCode.TOO_MANY_CONNECTIONS, f"expected at most "
                                f"{self.settings.limits.max_connections} registrations")
         lst = socket.socket(fileno=os.dup(fd))
@@ -426,6 +435,7 @@ class Agent:
         lid = next(self._ids)
         with self._lock:
             self._listeners[lid] = (session, lst)
+            self._registered[session] += 1
         slog.info("listener_guarded", id=lid, local=f"{tcp.local[0]}:{tcp.local[1]}",
                   contract=req.contract.name)
         return lid
@@ -438,7 +448,7 @@ class Agent:
                            f"{self.settings.limits.max_state} bytes, got {len(req.state)}")
         epoch = self._writable_epoch("REGISTER_CONNECTION")
         with self._lock:
-            if self._count() >= self.settings.limits.max_connections:
+            if self._count(session) >= self.settings.limits.max_connections:
                 raise ApiError(ErrorCode.TOO_MANY_CONNECTIONS, f"expected at most "
                                f"{self.settings.limits.max_connections} registrations")
         sock = socket.socket(fileno=os.dup(fd))
@@ -446,12 +456,14 @@ class Agent:
             identity = flow_of(sock)
             name = str(identity)
             with self._lock:
-                for other in self._conns.values():
-                    if other.name == name and not other.closed:
-                        # the same connection again: its client went away (agent restarted or
-                        # the application reconnected); the new registration replaces it
-                        other.closed = True
-                        other.sock.close()
+                other = self._by_name.get(name)
+                if other is not None and not other.closed:
+                    # the same connection again: its client went away (agent restarted or
+                    # the application reconnected); the new registration replaces it
+                    other.closed = True
+                    self._conns.pop(other.id, None)
+                    self._registered[other.owner] -= 1
+                    other.sock.close()
             try:
                 dumped = repair.dump(sock)
                 template = Template.of(dumped, req.consumed, req.produced)
@@ -496,6 +508,8 @@ class Agent:
             raise
         with self._lock:
             self._conns[conn.id] = conn
+            self._by_name[conn.name] = conn
+            self._registered[session] += 1
             self.metrics.guarded_connections.set(len(self._conns))
         conn.log.info("connection_guarded", contract=req.contract.name,
                       consumed=req.consumed, produced=req.produced, commit_seq=seq)
@@ -692,6 +706,9 @@ class Agent:
                 return
             c.closed = True
             self._conns.pop(c.id, None)
+            self._registered[c.owner] -= 1
+            if self._by_name.get(c.name) is c:
+                del self._by_name[c.name]
             self.metrics.guarded_connections.set(len(self._conns))
         epoch = self._epoch()
         if epoch is not None:

@@ -322,9 +322,10 @@ class Checkpointer:
 
     def _read_replies(self, sock: socket.socket, closed: threading.Event) -> None:
         try:
+            poller = select.poll()  # not select(): a server may hold descriptors past 1024
+            poller.register(sock, select.POLLIN)
             while not closed.is_set():
-                ready, _, _ = select.select([sock], [], [], 0.5)
-                if not ready:
+                if not poller.poll(500):
                     continue
                 got = fdpass.recv_frame(sock, self.limits, version=self.version,
                                         deadline=time.monotonic() + self.timeout_s,

@@ -345,8 +345,9 @@ class CheckpointerMetrics:
                 p + "commits_total", "Commits made durable in the store and released by the "
                 "ACK gate."),
             commit_latency=registry.histogram(
-                p + "commit_latency_seconds", "Time from the application's commit call to "
-                "the forced ACK leaving, in seconds.", buckets=SECONDS_100US_TO_1S),
+                p + "commit_latency_seconds", "Time from the agent receiving a commit to "
+                "its forced ACK leaving, in seconds (the client's trip to the agent and the reply "
+                "are not counted).", buckets=SECONDS_100US_TO_1S),
             gate_held_bytes=registry.gauge(
                 p + "gate_held_bytes", "Bytes received on guarded connections but not yet "
                 "acknowledged (held by the ACK gate)."),
