@@ -685,7 +685,7 @@ class Agent:
                 continue
             st = TcpState(info.tcpi_state)
             if st in ENDED or (st is TcpState.CLOSE_WAIT and c.peer_fin and c.our_fin):
-                self._close(c, f"connection ended ({st.name})")
+                self._close(c, f"connection ended ({st.name})", gone=st is TcpState.CLOSE)
                 continue
             if c.contract is Contract.LOGGED and epoch is not None:
                 acked = c.acked_position_anchor + int(info.tcpi_bytes_acked) \
@@ -700,7 +700,10 @@ class Agent:
                 self._work.put(_Work(c, None, None))
         self.metrics.gate_held_bytes.set(held)
 
-    def _close(self, c: Conn, reason: str) -> None:
+    def _close(self, c: Conn, reason: str, gone: bool = False) -> None:
+        """Stop guarding c: its record and output log deleted, its gate entry dropped when
+        nothing is left to hold (the stream committed to its FIN, or the socket closed: a RST
+        or both FINs done), the agent's descriptor closed."""
         with self._lock:
             if c.closed:
                 return
@@ -716,7 +719,7 @@ class Agent:
                 self.store.delete(self.settings.origin, epoch, [c.name])
             except StoreError as exc:
                 c.log.warning("record_not_deleted", error=str(exc))
-        if c.peer_fin:  # committed to its end: nothing left to hold
+        if c.peer_fin or gone:
             with contextlib.suppress(KernelError, OSError):
                 self.gate.forget(c.sock)
         c.sock.close()
