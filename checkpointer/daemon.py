@@ -3,6 +3,9 @@
     checkpointer --config /etc/tcpcp/checkpointer.toml      # or TCPCP_CHECKPOINTER_* / flags
     checkpointer --help                                     # every setting, explained
 
+run(config) is the daemon; the command line (configuration errors, logging) is wired in
+ops/daemons.py.
+
 Start-up, in this order (a failure stops it with a message naming what was expected):
 signing keys -> store (durability checked) -> the lease, acquired and held -> the ACK gate
 (pinned under /sys/fs/bpf/tcpcp: a gate a killed agent left is taken over in one step, so its
@@ -20,9 +23,8 @@ import os
 import resource
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -42,24 +44,6 @@ from store.errors import StoreError
 from store.signing import load_keyring
 
 log = structlog.get_logger(component="tcpcp.checkpointer.daemon")
-
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-
-
-def configure_logs(fmt: str, level: str) -> None:
-    """structlog for the daemon: JSON lines (or console on a terminal) on stderr."""
-    if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: structlog.typing.Processor = structlog.processors.JSONRenderer() \
-        if fmt == "json" else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.format_exc_info, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
-        cache_logger_on_first_use=False)
-
 
 class GateFreezer:
     """Self-fencing through the eBPF gate's freeze (egress of the flow dropped)."""
@@ -170,18 +154,3 @@ def run(config: cfg.Config, *, ready: threading.Event | None = None,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         dlog.info("checkpointer_stopped")
-
-
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    env = os.environ if environ is None else environ
-    try:
-        config = cfg.load_config(argv, env)
-    except cfg.ConfigError as exc:
-        print(f"checkpointer: {exc}", file=sys.stderr)
-        return 2
-    configure_logs(config.log_format, config.log_level)
-    try:
-        return run(config)
-    except (OSError, StoreError) as exc:
-        log.error("checkpointer_failed", error=str(exc))
-        return 1

@@ -47,8 +47,9 @@ from typing import Any, TypeVar
 import structlog
 from pyroute2 import IPRoute
 
+from kernel import announce
 from kernel.ici import Identity
-from ops import announce, labfilter, netns
+from ops import labfilter, netns
 
 log = structlog.get_logger(component="tcpcp.lab")
 

@@ -7,7 +7,8 @@ Each connection: read up to --chunk bytes, commit (state: {"n": bytes read so fa
 think --think-ms, again; at the end of stream commit it (consumed n, end_of_stream), answer one
 byte b"k", close through the agent. Nothing is written before the end, so output is trivially
 regenerable. A standby resumes a connection from its checkpoint with finish(): it reads on from
-position n and answers the same byte.
+position n and answers the same byte; `--adopt HANDOVER_SOCKET` does that for every connection
+the resurrector hands over.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import structlog
 
 from checkpointer.api import ApiError, ErrorCode
 from checkpointer.client import Checkpointer, Guarded
+from ops import logs
+from resurrector.adopt import adopt
 
 log = structlog.get_logger(component="tcpcp.ops.apps.sink")
 
@@ -80,14 +83,32 @@ def finish(sock: socket.socket, on_data: Callable[[bytes], None] | None = None) 
     return n
 
 
+def _finish_logged(sock: socket.socket, conn: str, consumed: int) -> None:
+    n = finish(sock)
+    log.info("finished", conn=conn, consumed=consumed, read_here=n, total=consumed + n)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.apps.sink", description=__doc__.split(
         "\n\n")[0])
-    p.add_argument("--listen", required=True, metavar="ADDR:PORT")
-    p.add_argument("--checkpointer", required=True, metavar="SOCKET_PATH")
+    p.add_argument("--listen", metavar="ADDR:PORT", help="serve uploads here")
+    p.add_argument("--checkpointer", metavar="SOCKET_PATH", help="the agent's socket")
+    p.add_argument("--adopt", metavar="HANDOVER_SOCKET",
+                   help="instead: the standby's side, finish every connection the resurrector "
+                   "hands over on this socket")
     p.add_argument("--chunk", type=int, default=65536, help="bytes read at most per commit")
     p.add_argument("--think-ms", type=float, default=0.0, help="work after each commit")
     args = p.parse_args(argv)
+    logs.configure()  # TCPCP_LOG_FORMAT / TCPCP_LOG_LEVEL
+    if args.adopt:
+        log.info("adopting", handover=args.adopt)
+        for adopted in adopt(args.adopt):
+            log.info("adopted", conn=adopted.conn, consumed=adopted.consumed)
+            threading.Thread(target=_finish_logged, daemon=True,
+                             args=(adopted.sock, adopted.conn, adopted.consumed)).start()
+        return 0
+    if not (args.listen and args.checkpointer):
+        p.error("expected --listen and --checkpointer (or --adopt)")
     host, _, port = args.listen.rpartition(":")
     lst = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
     with Checkpointer(args.checkpointer, name="sink") as cp:

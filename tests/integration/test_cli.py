@@ -53,17 +53,16 @@ def test_every_command_explains_itself_with_help() -> None:
         assert "usage:" in r.stdout and len(r.stdout) > 200
 
 
-def test_placeholders_say_they_are_placeholders() -> None:
-    r = subprocess.run([BIN + "resurrector"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    assert "not implemented yet" in r.stderr
-
-
-def test_the_checkpointer_without_configuration_names_what_it_needs() -> None:
+def test_the_daemons_without_configuration_name_what_they_need() -> None:
+    env = {"PATH": os.environ["PATH"]}
     r = subprocess.run([BIN + "checkpointer"], capture_output=True, text=True, timeout=60,
-                       env={"PATH": os.environ["PATH"]})
+                       env=env)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("checkpointer: ") and "expected" in r.stderr
+    r = subprocess.run([BIN + "resurrector"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 2, r.stderr
+    assert "resurrector: error: expected --keys, --origin, --serve" in r.stderr
 
 
 def test_demo_runs_to_the_end() -> None:

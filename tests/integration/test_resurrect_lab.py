@@ -7,14 +7,17 @@ peer: no RST, no PAWS drop, the uploader's socket kept, every byte delivered onc
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from kernel.sanity import RestorePolicy
 from ops import gatelab as G
-from ops.agentlab import AgentProcess, write_keys
+from ops.agentlab import BIN, AgentProcess, write_keys
 from ops.apps.sink import finish
 from ops.capture import Capture
 from ops.lab import Lab
@@ -126,3 +129,85 @@ def _finish(sock: object, got: bytearray) -> int:
     assert isinstance(sock, socket.socket)
     sock.settimeout(60)
     return finish(sock, got.extend)
+
+
+def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload_on(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    """The same crash, end to end through the daemons: the resurrector (a process on the
+    standby) sees the lease expire, claims, quarantines, switches the route through its
+    operator hook (`tcpcp lab switch`), probes, restores, and hands the connection to the
+    standby's sink (`python -m ops.apps.sink --adopt`), which reads it to the end."""
+    lab = fresh_lab
+    redis = RedisServer(lab, "store", 6414).start()
+    keys = write_keys(tmp_path / "keys.json")
+    origin, port = "up2", PORT + 1
+    agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
+                         workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
+    handover = agent.socket_path.parent / "handover.sock"
+    logs = {name: tmp_path / f"{name}.log" for name in ("sink", "resurrector", "adopter")}
+    cap = None
+    try:
+        agent.start()
+        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
+        with logs["resurrector"].open("wb") as out:
+            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                  str(keys), "--origin", origin, "--serve", lab.service(4),
+                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
+                                  "--once", "--log-format", "json"],
+                      stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
+        wait_until(lambda: "resurrector_watching" in logs["resurrector"].read_text(), 30,
+                   what="the resurrector watching")
+        with logs["adopter"].open("wb") as out:
+            lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
+                                  str(handover)], stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
+        with logs["sink"].open("wb") as out:
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",
+                                 f"0.0.0.0:{port}", "--checkpointer", str(agent.socket_path),
+                                 "--think-ms", "3"], stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: "listening" in logs["sink"].read_text(), 30, what="the sink")
+        store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
+                         load_keyring(keys))
+        cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {port}",
+                             path=tmp_path / "peer.pcap", snaplen=128).start()
+        paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
+        uploader = lab.popen("peer", G.uploader_argv(lab.service(4), port, TOTAL),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def committed() -> int:
+            return max((r.checkpoint.inbound_consumed for r in lab.call(
+                "standby", lambda: list(store.records(origin))) if r.checkpoint), default=0)
+        wait_until(lambda: committed() > 2_000_000, 60, what="2 MB committed on the origin")
+        lab.crash("origin")
+        out_text, err = uploader.communicate(timeout=120)
+        lab.call("standby", store.close)
+        wait_until(lambda: '"finished"' in logs["adopter"].read_text(), 30,
+                   what="the standby's sink finished the adopted upload")
+    finally:
+        if cap is not None:
+            cap.stop()
+        agent.close()
+    assert uploader.returncode == 0, err + logs["resurrector"].read_text()[-3000:]
+    assert out_text.strip() == G.expected_sha256(TOTAL)  # the peer's own digest of what it sent
+    finished = _events(logs["adopter"], "finished")
+    assert [e["total"] for e in finished] == [TOTAL]
+    assert 0 < finished[0]["consumed"] < TOTAL
+    timeline = _events(logs["resurrector"], "failover_timeline")
+    assert len(timeline) == 1 and timeline[0]["resurrected"] == 1
+    for step in ("claimed", "quarantined", "traffic_moved", "probed", "restored", "handed"):
+        assert f"{step}_ms" in timeline[0], timeline[0]
+    assert [s for s in cap.segments() if s.flags & RST] == []
+    assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
+
+
+def _events(path: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == name:
+            out.append(doc)
+    return out

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ops.announce import garp_frame, mac_bytes, unsolicited_na
+from kernel.announce import garp_frame, mac_bytes, unsolicited_na
 
 macs = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
 

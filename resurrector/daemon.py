@@ -1,0 +1,248 @@
+"""The `resurrector` daemon: on a standby host, watches origins' leases and, when one expires,
+resurrects the origin's connections here and hands them to the standby application.
+
+    resurrector --url redis://store:6379 --keys keys.json --origin web1 --serve 10.0.0.80 \\
+                --takeover-cmd "switch-traffic web1"          # or --takeover address
+    resurrector --config /etc/tcpcp/resurrector.toml             # the same keys, in TOML
+    TCPCP_RESURRECTOR_ORIGIN=web1,web2 resurrector ...            # or in the environment
+
+Precedence: flags > environment (TCPCP_RESURRECTOR_<SETTING>, lists comma-separated) > the TOML
+file (--config or TCPCP_RESURRECTOR_CONFIG; keys as the flags' names with underscores) >
+defaults.
+
+One failover, for an origin whose lease is seen expired (`lease_ms_left` None while an owner is
+recorded):
+  claim      store.claim with the epoch seen: the epoch goes up, every later write of the dead
+             origin is refused; of several resurrectors exactly one wins, the others stand down;
+  read       its records, each verified (signature, origin, sanity); a refused one is skipped
+             with its reason;
+  resurrect  quarantine, take the traffic over, probe, plan, restore, activate
+             (resurrector/resurrect.py);
+  hand over  each connection to the standby application (resurrector/handover.py);
+and a timeline line (ms since the expiry was seen: claimed, quarantined, traffic_moved, probed,
+restored, handed). The claimed lease is renewed from then on (until the standby's checkpointer
+takes the connections over), so no other resurrector claims it again.
+
+load() and run() are the daemon; the command line (logging, signals) is wired in
+ops/daemons.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import threading
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from kernel.sanity import RestorePolicy
+from resurrector.handover import Handed, HandoverServer
+from resurrector.planner import Output
+from resurrector.resurrect import Resurrected, Skipped, resurrect
+from resurrector.takeover import AddressTakeover, CommandTakeover, TakeoverError
+from store.client import CheckpointStore
+from store.cliopts import add_store_arguments, config_from_args
+from store.errors import ClaimLost, LeaseHeld, StoreError
+from store.record import Checkpoint
+from store.signing import load_keyring
+
+log = structlog.get_logger(component="tcpcp.resurrector.daemon")
+
+ENV = "TCPCP_RESURRECTOR_"
+PURPOSE = ("tcpcp resurrector: on a standby host, watches the origins' leases; when one "
+           "expires, fences the origin (epoch bump), takes over its traffic, restores every "
+           "connection from its last checkpoint and hands them to the standby application.")
+_LISTS = {"origin", "serve", "allow_uid"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resurrector", description=PURPOSE)
+    p.add_argument("--config", type=Path, help="TOML file with any of the settings below "
+                   f"(keys: the flags' names with underscores; env {ENV}CONFIG)")
+    add_store_arguments(p)
+    p.add_argument("--origin", action="append", default=None,
+                   help="an origin to watch (repeat for several; required)")
+    p.add_argument("--name", default=None, help="this resurrector's holder name in the store "
+                   "(default resurrector@<host name>)")
+    p.add_argument("--interface", default="eth0", help="where the quarantine and the probes "
+                   "go (default eth0)")
+    p.add_argument("--serve", action="append", default=None, metavar="ADDRESS",
+                   help="a service address this standby may restore connections on (repeat; "
+                   "required: a record for any other address is refused)")
+    p.add_argument("--takeover", choices=("address", "command"), default=None,
+                   help="how the traffic moves here: add the --serve addresses and announce "
+                   "them (address, the default without --takeover-cmd) or run --takeover-cmd")
+    p.add_argument("--takeover-cmd", default=None, metavar="CMD",
+                   help="operator hook moving the traffic (route switch, per-flow rules); "
+                   "gets {origin, flows} as JSON on stdin, must exit 0")
+    p.add_argument("--handover-socket", type=Path, default=Path("/run/tcpcp/handover.sock"),
+                   help="unix socket the standby application adopts connections on")
+    p.add_argument("--allow-uid", type=int, action="append", default=None,
+                   help="uids allowed to adopt connections (SO_PEERCRED; default 0)")
+    p.add_argument("--poll-ms", type=int, default=100, help="how often leases are read "
+                   "(default 100)")
+    p.add_argument("--claim-ttl-ms", type=int, default=3000, help="the lease TTL this "
+                   "resurrector holds a claimed origin with (default 3000)")
+    p.add_argument("--probe-timeout-ms", type=int, default=300,
+                   help="wait for a peer's answer this long per probe, 3 probes (default 300)")
+    p.add_argument("--once", action="store_true",
+                   help="exit after the first failover (tests, runbooks)")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info")
+    return p
+
+
+def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Flags over environment over TOML over defaults (see the module docstring)."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    path = first.config or (Path(environ[ENV + "CONFIG"]) if ENV + "CONFIG" in environ
+                            else None)
+    defaults: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"--config {path}: expected a readable TOML file, got {exc}")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            parser.error(f"--config {path}: unknown settings {unknown} (expected some of "
+                         f"{sorted(known - {'help', 'config'})})")
+        defaults.update(doc)
+    for action in parser._actions:
+        raw = environ.get(ENV + action.dest.upper())
+        if raw is None or action.dest in ("help", "config"):
+            continue
+        if action.dest in _LISTS:
+            items = [x.strip() for x in raw.split(",") if x.strip()]
+            convert = action.type if callable(action.type) else str
+            defaults[action.dest] = [convert(x) for x in items]
+        elif isinstance(action, argparse._StoreTrueAction):
+            defaults[action.dest] = raw.lower() in ("1", "true", "yes", "on")
+        else:
+            defaults[action.dest] = action.type(raw) if callable(action.type) else raw
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    missing = [name for name in ("keys", "origin", "serve") if not getattr(args, name)]
+    if missing:
+        parser.error(f"expected {', '.join('--' + m for m in missing)} (flag, "
+                     f"{ENV}<NAME> or the TOML file), got none")
+    if (args.takeover or ("command" if args.takeover_cmd else "address")) == "command" \
+            and not args.takeover_cmd:
+        parser.error("--takeover command: expected --takeover-cmd CMD, got none")
+    return args
+
+
+class Renewer:
+    """Keeps a claimed origin's lease (until stopped)."""
+
+    def __init__(self, store: CheckpointStore, origin: str, holder: str, epoch: int,
+                 ttl_ms: int) -> None:
+        self.args = (origin, holder, epoch, ttl_ms)
+        self.store = store
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name=f"renew-{origin}").start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.args[3] / 3000):
+            try:
+                self.store.lease_renew(*self.args)
+            except StoreError as exc:
+                log.error("claimed_lease_not_renewed", origin=self.args[0], error=str(exc))
+
+
+def _expired(store: CheckpointStore, origin: str) -> int | None:
+    """The epoch seen when origin's lease is expired (an owner, no live lease), else None."""
+    st = store.state(origin)
+    if st.owner is not None and st.lease_ms_left is None:
+        return st.epoch
+    return None
+
+
+def failover(args: argparse.Namespace, store: CheckpointStore, handover: HandoverServer,
+             holder: str, origin: str, seen: int, t0: float) -> list[Any]:
+    """One failover of origin (the expiry seen at t0, time.monotonic())."""
+    marks: dict[str, float] = {}
+    flog = log.bind(origin=origin)
+
+    def mark(step: str) -> None:
+        marks[step] = round((time.monotonic() - t0) * 1000, 1)
+    try:
+        epoch = store.claim(origin, holder, seen, args.claim_ttl_ms)
+    except (ClaimLost, LeaseHeld) as exc:
+        flog.info("standing_down", reason=str(exc))
+        return []
+    mark("claimed")
+    Renewer(store, origin, holder, epoch, args.claim_ttl_ms)
+    checkpoints: list[Checkpoint] = []
+    for read in store.records(origin):
+        if read.checkpoint is None:
+            flog.warning("record_refused", conn=read.conn, reason=str(read.error))
+        else:
+            checkpoints.append(read.checkpoint)
+    logged = {cp.conn for cp in checkpoints if store.output_bounds(origin, cp.conn) is not None}
+    flows = [cp.conn for cp in checkpoints]
+    if args.takeover_cmd and args.takeover != "address":
+        strategy: Any = CommandTakeover(args.takeover_cmd)
+    else:
+        strategy = AddressTakeover(args.interface, args.serve)
+    results = resurrect(
+        checkpoints, ifname=args.interface, policy=RestorePolicy.serving(*args.serve),
+        take_over=lambda: strategy(origin, flows),
+        outputs=lambda cp: Output.LOGGED if cp.conn in logged else Output.REGENERABLE,
+        output_log=lambda cp, pos: store.read_output(origin, cp.conn, pos),
+        probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark)
+    for r in results:
+        if isinstance(r, Resurrected):
+            handover.offer(Handed(r.conn, origin, epoch, r.resume_consumed, r.resume_produced,
+                                  r.plan.peer_ahead, "logged" if r.conn in logged
+                                  else "regenerable", r.checkpoint.app_state), r.sock)
+    mark("handed")
+    done = sum(isinstance(r, Resurrected) for r in results)
+    flog.info("failover_timeline", epoch=epoch, resurrected=done,
+              skipped=[(r.conn, r.reason) for r in results if isinstance(r, Skipped)],
+              **{f"{k}_ms": v for k, v in marks.items()})
+    return results
+
+
+def run(args: argparse.Namespace, stop: threading.Event) -> int:
+    holder = args.name or f"resurrector@{socket.gethostname()}"
+    store = CheckpointStore.connect(config_from_args(args), load_keyring(args.keys))
+    handover = HandoverServer(args.handover_socket, uids=args.allow_uid or [0]).start()
+    log.info("resurrector_watching", origins=args.origin, holder=holder,
+             handover=str(args.handover_socket))
+    done: set[str] = set()
+    try:
+        while not stop.is_set():
+            for origin in args.origin:
+                if origin in done:
+                    continue
+                try:
+                    seen = _expired(store, origin)
+                except StoreError as exc:
+                    log.warning("lease_unreadable", origin=origin, error=str(exc))
+                    continue
+                if seen is None:
+                    continue
+                log.info("lease_expired_seen", origin=origin, epoch=seen)
+                try:
+                    failover(args, store, handover, holder, origin, seen, time.monotonic())
+                except (StoreError, TakeoverError) as exc:
+                    log.error("failover_failed", origin=origin, error=str(exc))
+                done.add(origin)
+                if args.once:
+                    stop.wait(float(os.environ.get("TCPCP_RESURRECTOR_LINGER_S", "30")))
+                    return 0
+            stop.wait(args.poll_ms / 1000)
+        return 0
+    finally:
+        handover.close()
+        store.close()
