@@ -25,7 +25,7 @@ import socket
 import struct
 
 from kernel.ici import Family, Ici, TcpOption
-from kernel.segment import ACK, tcp_packet
+from kernel.segment import ACK, checksum, tcp_packet
 from kernel.seq import seq_add
 
 PROBE_BEHIND = 1 << 30
@@ -55,3 +55,35 @@ def send_probe(ici: Ici, tsval: int) -> None:
     dst = socket.inet_ntop(af, ici.identity.peer_addr)
     with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         raw.sendto(probe_packet(ici, tsval), (dst, 0))
+
+
+def unreachable_message(ici: Ici) -> bytes:
+    """The ICMP (IPv4: host unreachable) or ICMPv6 (no route) message, without its own IP
+    header, quoting a segment of the peer's that starts at our rcv_nxt, the peer's snd_una (the
+    ACK gate never let it see more): what RFC 6069 lets the peer's stack take as a sign that its
+    retransmissions were lost on the way, not to congestion."""
+    ident = ici.identity
+    tcp8 = struct.pack("!HHI", ident.peer_port, ident.local_port, ici.rcv_nxt)
+    if ident.family is Family.IPV4:
+        inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, socket.IPPROTO_TCP, 0,
+                            ident.peer_addr, ident.local_addr)
+        body = struct.pack("!BBHI", 3, 1, 0, 0) + inner + tcp8
+        return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+    inner = struct.pack("!IHBB16s16s", 6 << 28, 20, socket.IPPROTO_TCP, 64, ident.peer_addr,
+                        ident.local_addr)
+    return struct.pack("!BBHI", 1, 0, 0, 0) + inner + tcp8  # the kernel sums ICMPv6
+
+
+def wake_peer(ici: Ici, count: int = 12) -> None:
+    """Make a peer that holds bytes for a restored connection resend them now, not at its
+    backed-off retransmission timer: each unreachable message undoes one doubling of its timer
+    (tcp_ld_RTO_revert), and once the time already waited exceeds the reverted timeout it
+    retransmits at once. count covers 12 doublings (200 ms backed off to 120 s)."""
+    ident = ici.identity
+    af = _AF[ident.family]
+    proto = socket.IPPROTO_ICMP if af == socket.AF_INET else socket.IPPROTO_ICMPV6
+    message = unreachable_message(ici)
+    with socket.socket(af, socket.SOCK_RAW, proto) as raw:
+        raw.bind((socket.inet_ntop(af, ident.local_addr), 0))
+        for _ in range(count):
+            raw.sendto(message, (socket.inet_ntop(af, ident.peer_addr), 0))

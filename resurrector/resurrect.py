@@ -41,7 +41,7 @@ from kernel.bpf.layout import Flow
 from kernel.errors import KernelError
 from kernel.gatebackend import Gate
 from kernel.ici import Ici
-from kernel.probe import send_probe
+from kernel.probe import send_probe, wake_peer
 from kernel.quarantine import Observation, Quarantine
 from kernel.sanity import IciRejected, RestorePolicy, check
 from kernel.seq import seq_diff
@@ -192,6 +192,8 @@ def _restore_one(q: Quarantine, cp: Checkpoint, ici: Ici, flow: Flow, answer: Ob
             gate.guard(restored.sock, plan.ici.rcv_nxt)
         q.release(flow)
         sock = repair.activate(restored)
+        if plan.peer_holds:  # the peer holds bytes for us: make it resend them now
+            wake_peer(plan.ici)
     except (PlanRefused, KernelError, IciRejected, OSError) as exc:
         if restored is not None:
             repair.discard_restored(restored)
