@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel.ici import Family, Ici, TcpOption
-from kernel.probe import PROBE_BEHIND, probe_packet
+from kernel.probe import PROBE_BEHIND, probe_packet, unreachable_message
 from kernel.segment import checksum
 from kernel.seq import seq_add, seq_diff
 from resurrector.planner import PlanRefused
@@ -58,3 +58,18 @@ def test_the_peers_ack_names_the_stream_position_to_resume_writing_at(
     pinned, position = pin_send_side(ici, produced, ack)
     assert position == produced + delta
     assert pinned == replace(ici, snd_una=ack)
+
+
+@given(icis)
+def test_the_unreachable_message_quotes_the_peers_segment_at_its_snd_una(ici: Ici) -> None:
+    msg = unreachable_message(ici)
+    ident = ici.identity
+    if ident.family is Family.IPV4:
+        assert msg[:2] == b"\x03\x01" and checksum(msg) == 0  # host unreachable, summed
+        inner, tcp8 = msg[8:28], msg[28:36]
+        assert inner[12:16] == ident.peer_addr and inner[16:20] == ident.local_addr
+    else:
+        assert msg[:2] == b"\x01\x00"  # no route (the kernel sums ICMPv6)
+        inner, tcp8 = msg[8:48], msg[48:56]
+        assert inner[8:24] == ident.peer_addr and inner[24:40] == ident.local_addr
+    assert struct.unpack("!HHI", tcp8) == (ident.peer_port, ident.local_port, ici.rcv_nxt)
