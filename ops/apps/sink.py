@@ -110,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.listen and args.checkpointer):
         p.error("expected --listen and --checkpointer (or --adopt)")
     host, _, port = args.listen.rpartition(":")
-    lst = socket.create_server((host.strip("[]") or "0.0.0.0", int(port)), reuse_port=False)
+    host = host.strip("[]") or "0.0.0.0"
+    lst = socket.create_server((host, int(port)),
+                               family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     with Checkpointer(args.checkpointer, name="sink") as cp:
         cp.guard_listener(lst)
         log.info("listening", address=args.listen)

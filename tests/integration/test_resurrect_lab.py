@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from kernel.sanity import RestorePolicy
 from ops import gatelab as G
 from ops.agentlab import BIN, AgentProcess, write_keys
@@ -48,8 +50,9 @@ def _stream(total: int) -> bytes:
     return b"".join(out)
 
 
+@pytest.mark.parametrize("family", [4, 6])
 def test_an_upload_crashed_mid_way_is_resurrected_with_every_byte_once(
-        fresh_lab: Lab, tmp_path: Path) -> None:
+        fresh_lab: Lab, tmp_path: Path, family: int) -> None:
     lab = fresh_lab
     redis = RedisServer(lab, "store", 6413).start()
     keys = write_keys(tmp_path / "keys.json")
@@ -61,16 +64,17 @@ def test_an_upload_crashed_mid_way_is_resurrected_with_every_byte_once(
         agent.start()
         app_log = tmp_path / "sink.log"
         with app_log.open("wb") as out:
-            lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",
-                                 f"0.0.0.0:{PORT}", "--checkpointer", str(agent.socket_path),
-                                 "--think-ms", "3"], stdout=out, stderr=subprocess.STDOUT)
+            listen = f"0.0.0.0:{PORT}" if family == 4 else f"[::]:{PORT}"
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen", listen,
+                                 "--checkpointer", str(agent.socket_path), "--think-ms", "3"],
+                      stdout=out, stderr=subprocess.STDOUT)
         wait_until(lambda: "listening" in app_log.read_text(), 30, what="the sink listening")
         store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
                          load_keyring(keys))
         cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {PORT}",
                              path=tmp_path / "peer.pcap", snaplen=128).start()
         paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
-        uploader = lab.popen("peer", G.uploader_argv(lab.service(4), PORT, TOTAL),
+        uploader = lab.popen("peer", G.uploader_argv(lab.service(family), PORT, TOTAL),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
         def records() -> list[Checkpoint]:
@@ -92,7 +96,7 @@ def test_an_upload_crashed_mid_way_is_resurrected_with_every_byte_once(
         checkpoints = lab.call("standby", records)
         assert len(checkpoints) == 1
         results = lab.call("standby", lambda: resurrect(
-            checkpoints, ifname="eth0", policy=RestorePolicy.serving(lab.service(4)),
+            checkpoints, ifname="eth0", policy=RestorePolicy.serving(lab.service(family)),
             take_over=lambda: lab.switch_route("standby"),
             outputs=lambda cp: Output.REGENERABLE))
         assert [type(r) for r in results] == [Resurrected], results
@@ -144,24 +148,29 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
     agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
                          workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
     handover = agent.socket_path.parent / "handover.sock"
-    logs = {name: tmp_path / f"{name}.log" for name in ("sink", "resurrector", "adopter")}
+    logs = {"sink": tmp_path / "sink.log"}
     cap = None
     try:
         agent.start()
         switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
-        with logs["resurrector"].open("wb") as out:
-            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                  str(keys), "--origin", origin, "--serve", lab.service(4),
-                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
-                                  "--once", "--log-format", "json"],
-                      stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: "resurrector_watching" in logs["resurrector"].read_text(), 30,
-                   what="the resurrector watching")
-        with logs["adopter"].open("wb") as out:
-            lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
-                                  str(handover)], stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
+        # two resurrectors race for the origin (two holders on the standby host): exactly one
+        # may claim it and restore; the other must stand down
+        for name in ("r1", "r2"):
+            sock = handover.parent / f"{name}.sock"
+            with (tmp_path / f"{name}.log").open("wb") as out:
+                lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                      str(keys), "--origin", origin, "--serve", lab.service(4),
+                                      "--name", name, "--takeover-cmd", switch,
+                                      "--handover-socket", str(sock), "--once",
+                                      "--log-format", "json", "--poll-ms", "20"],
+                          stdout=out, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
+            wait_until(lambda n=name: "resurrector_watching" in  # type: ignore[misc]
+                       (tmp_path / f"{n}.log").read_text(), 30, what=f"resurrector {name}")
+            with (tmp_path / f"adopter-{name}.log").open("wb") as out:
+                lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
+                                      str(sock)], stdout=out, stderr=subprocess.STDOUT,
+                          env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
         with logs["sink"].open("wb") as out:
             lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",
                                  f"0.0.0.0:{port}", "--checkpointer", str(agent.socket_path),
@@ -182,18 +191,29 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
         lab.crash("origin")
         out_text, err = uploader.communicate(timeout=120)
         lab.call("standby", store.close)
-        wait_until(lambda: '"finished"' in logs["adopter"].read_text(), 30,
+        wait_until(lambda: any('"finished"' in (tmp_path / f"adopter-{n}.log").read_text()
+                               for n in ("r1", "r2")), 30,
                    what="the standby's sink finished the adopted upload")
+        winner = next(n for n in ("r1", "r2")
+                      if _events(tmp_path / f"{n}.log", "failover_timeline"))
+        loser = "r2" if winner == "r1" else "r1"
     finally:
         if cap is not None:
             cap.stop()
         agent.close()
-    assert uploader.returncode == 0, err + logs["resurrector"].read_text()[-3000:]
+    assert uploader.returncode == 0, err + (tmp_path / "r1.log").read_text()[-3000:]
     assert out_text.strip() == G.expected_sha256(TOTAL)  # the peer's own digest of what it sent
-    finished = _events(logs["adopter"], "finished")
+    finished = _events(tmp_path / f"adopter-{winner}.log", "finished")
     assert [e["total"] for e in finished] == [TOTAL]
     assert 0 < finished[0]["consumed"] < TOTAL
-    timeline = _events(logs["resurrector"], "failover_timeline")
+    assert _events(tmp_path / f"adopter-{loser}.log", "adopted") == []
+    assert _events(tmp_path / f"{loser}.log", "failover_timeline") == []
+    # the other one either lost the claim (it saw the expiry too) or never saw the lease
+    # expired (the winner's claim had made it live again)
+    lost = _events(tmp_path / f"{loser}.log", "standing_down")
+    saw = _events(tmp_path / f"{loser}.log", "lease_expired_seen")
+    assert len(lost) == len(saw) <= 1, (lost, saw)
+    timeline = _events(tmp_path / f"{winner}.log", "failover_timeline")
     assert len(timeline) == 1 and timeline[0]["resurrected"] == 1
     for step in ("claimed", "quarantined", "traffic_moved", "probed", "restored", "handed"):
         assert f"{step}_ms" in timeline[0], timeline[0]
