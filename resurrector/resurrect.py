@@ -154,7 +154,10 @@ def _probe_all(q: Quarantine, wanted: list[tuple[Checkpoint, Ici, Flow]], timeou
         while pending and time.monotonic() < deadline:
             for conn, (_, flow) in list(pending.items()):
                 seen = q.observed(flow)
-                if seen is not None and seen.packets > before[conn]:
+                # the answer is a pure ACK (seq = the peer's snd_nxt); a retransmission of the
+                # peer's may arrive meanwhile (seq = its snd_una): probed again, not taken
+                if seen is not None and seen.packets > before[conn] \
+                        and seen.end_seq == seen.seq:
                     answers[conn] = seen
                     del pending[conn]
             if pending:

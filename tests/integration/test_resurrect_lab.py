@@ -231,3 +231,95 @@ def _events(path: Path, name: str) -> list[dict[str, Any]]:
         if isinstance(doc, dict) and doc.get("event") == name:
             out.append(doc)
     return out
+
+
+MANY_CLIENT = r"""
+import socket, sys, threading, time
+host, port, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ok, bad = [], []
+def one(i):
+    try:
+        s = socket.create_connection((host, port), timeout=120)
+        chunk = bytes([i % 256]) * 16384
+        sent = 0
+        while sent < size:
+            part = chunk[: min(len(chunk), size - sent)]
+            s.sendall(part)
+            sent += len(part)
+            time.sleep(0.1)
+        s.shutdown(socket.SHUT_WR)
+        ok.append(s.recv(1) == b"k")
+        s.close()
+    except OSError as exc:
+        bad.append(f"{i}: {exc}")
+ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(f"ok {sum(ok)} of {n}; errors {bad[:5]}")
+sys.exit(0 if sum(ok) == n else 1)
+"""
+
+
+def test_two_hundred_connections_crashed_at_once_are_all_resurrected(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    lab = fresh_lab
+    n, size = 200, 300_000
+    redis = RedisServer(lab, "store", 6415).start()
+    keys = write_keys(tmp_path / "keys.json")
+    origin, port = "many", PORT + 2
+    agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
+                         workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
+    handover = agent.socket_path.parent / "handover.sock"
+    cap = None
+    try:
+        agent.start()
+        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
+        with (tmp_path / "resurrector.log").open("wb") as out:
+            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                  str(keys), "--origin", origin, "--serve", lab.service(4),
+                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
+                                  "--once", "--log-format", "json"],
+                      stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
+        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
+                   30, what="the resurrector watching")
+        with (tmp_path / "adopter.log").open("wb") as out:
+            lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
+                                  str(handover)], stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
+        with (tmp_path / "sink.log").open("wb") as out:
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",
+                                 f"0.0.0.0:{port}", "--checkpointer", str(agent.socket_path)],
+                      stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: "listening" in (tmp_path / "sink.log").read_text(), 30,
+                   what="the sink")
+        store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
+                         load_keyring(keys))
+        cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {port} and tcp[tcpflags] & "
+                             "tcp-rst != 0", path=tmp_path / "peer-rst.pcap").start()
+        paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
+        clients = lab.popen("peer", [sys.executable, "-c", MANY_CLIENT, lab.service(4),
+                                     str(port), str(n), str(size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def all_under_way() -> bool:
+            cps = [r.checkpoint for r in lab.call("standby", lambda: list(store.records(origin)))
+                   if r.checkpoint is not None]
+            return len(cps) == n and all(cp.inbound_consumed > 30_000 for cp in cps)
+        wait_until(all_under_way, 60, what=f"{n} connections committing on the origin")
+        lab.crash("origin")
+        out_text, err = clients.communicate(timeout=180)
+        lab.call("standby", store.close)
+        wait_until(lambda: len(_events(tmp_path / "adopter.log", "finished")) >= n, 60,
+                   what=f"the standby finishing {n} connections")
+    finally:
+        if cap is not None:
+            cap.stop()
+        agent.close()
+    assert clients.returncode == 0, out_text + err
+    finished = _events(tmp_path / "adopter.log", "finished")
+    assert sorted(e["total"] for e in finished) == [size] * n
+    assert all(0 < e["consumed"] < size for e in finished)  # all crashed mid-way
+    timeline = _events(tmp_path / "resurrector.log", "failover_timeline")
+    assert len(timeline) == 1 and timeline[0]["resurrected"] == n, timeline
+    assert cap.segments() == []  # no RST at all in the peer's namespace
+    assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
