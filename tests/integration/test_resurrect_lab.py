@@ -323,3 +323,93 @@ def test_two_hundred_connections_crashed_at_once_are_all_resurrected(
     assert len(timeline) == 1 and timeline[0]["resurrected"] == n, timeline
     assert cap.segments() == []  # no RST at all in the peer's namespace
     assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
+
+
+def test_a_zombie_origin_cut_from_the_store_is_silent_after_the_takeover(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    """The origin loses the store but not the peer: its agent freezes every flow before the
+    lease can expire, the resurrector claims the origin and takes the connection over, and the
+    zombie sends nothing more (capture on its gateway port) while the upload completes from the
+    standby; once the store is back, the zombie's writes are refused (the epoch moved on)."""
+    lab = fresh_lab
+    redis = RedisServer(lab, "store", 6416).start()
+    keys = write_keys(tmp_path / "keys.json")
+    origin, port = "zombie", PORT + 3
+    agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
+                         workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
+    handover = agent.socket_path.parent / "handover.sock"
+    zombie_cap = peer_cap = None
+    try:
+        agent.start()
+        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
+        with (tmp_path / "resurrector.log").open("wb") as out:
+            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                  str(keys), "--origin", origin, "--serve", lab.service(4),
+                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
+                                  "--once", "--log-format", "json"],
+                      stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
+        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
+                   30, what="the resurrector watching")
+        with (tmp_path / "adopter.log").open("wb") as out:
+            lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
+                                  str(handover)], stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
+        with (tmp_path / "sink.log").open("wb") as out:
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",
+                                 f"0.0.0.0:{port}", "--checkpointer", str(agent.socket_path),
+                                 "--think-ms", "3"], stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: "listening" in (tmp_path / "sink.log").read_text(), 30,
+                   what="the sink")
+        store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
+                         load_keyring(keys))
+        zombie_cap = Capture.in_lab(lab, "gw", "p-origin", f"tcp port {port}", snaplen=128,
+                                    path=tmp_path / "zombie.pcap").start()
+        peer_cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {port}", snaplen=128,
+                                  path=tmp_path / "peer.pcap").start()
+        paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
+        uploader = lab.popen("peer", G.uploader_argv(lab.service(4), port, TOTAL),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def committed() -> int:
+            return max((r.checkpoint.inbound_consumed for r in lab.call(
+                "standby", lambda: list(store.records(origin))) if r.checkpoint), default=0)
+        wait_until(lambda: committed() > 2_000_000, 60, what="2 MB committed on the origin")
+        lab.partition("origin", ["store"])  # not from the peer: a zombie, not a crash
+        wait_until(lambda: agent.events("flows_frozen"), 10, what="the zombie froze its flows")
+        assert zombie_cap.flush()
+        frozen_at = zombie_cap.mark()
+        out_text, err = uploader.communicate(timeout=120)
+        wait_until(lambda: _events(tmp_path / "adopter.log", "finished"), 30,
+                   what="the standby finished the upload")
+        assert zombie_cap.flush()
+        from_zombie = [s for s in zombie_cap.segments(since=frozen_at) if s.sport == port]
+        lab.heal("origin")
+        # the store is back: the zombie's agent finds its origin claimed and stays frozen
+        wait_until(lambda: agent.events("origin_taken_over"), 30,
+                   what="the zombie's agent learning the origin was taken over")
+        assert not agent.events("flows_thawed")
+
+        def late_write() -> str:
+            """What the zombie's store client gets for a write with its epoch (1)."""
+            zombie = CheckpointStore.connect(StoreConfig(url=redis.url), load_keyring(keys))
+            try:
+                zombie.delete(origin, 1, ["any"])
+                return "accepted"
+            except StaleEpoch as exc:
+                return str(exc)
+            finally:
+                zombie.close()
+        refused = lab.call("origin", late_write)
+        lab.call("standby", store.close)
+    finally:
+        for cap in (zombie_cap, peer_cap):
+            if cap is not None:
+                cap.stop()
+        agent.close()
+    assert uploader.returncode == 0, err
+    assert out_text.strip() == G.expected_sha256(TOTAL)
+    assert from_zombie == [], f"the zombie sent {len(from_zombie)} segments after its freeze"
+    assert "fenced" in refused, refused
+    assert [s for s in peer_cap.segments() if s.flags & RST] == []
+    assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
