@@ -127,10 +127,14 @@ class Checkpointer:
     """A connection to the agent's local API; thread-safe, many requests in flight."""
 
     def __init__(self, path: str | Path | None = None, *, name: str = "",
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, reconnect_s: float = 120.0) -> None:
+        """timeout_s: for one request; reconnect_s: how long a commit waits for an agent that
+        went away to come back (a restarted agent loads its gate and takes its lease back:
+        seconds on a loaded host) before it raises."""
         self.path = Path(path) if path is not None else default_socket()
         self.name = name or f"pid{os.getpid()}"
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._pending: dict[int, concurrent.futures.Future[api.Reply]] = {}
@@ -186,12 +190,12 @@ class Checkpointer:
 
     def reconnect(self, timeout_s: float | None = None) -> None:
         """Connect again after the agent went away, retrying until timeout_s (default: the
-        client's timeout). Requests in flight on the old connection have failed already. One
+        client's reconnect_s). Requests in flight on the old connection have failed already. One
         thread reconnects; the others wait for it and reuse its connection."""
         with self._reconnect_lock:
             if self._sock is not None and self._broken is None:
                 return  # another thread reconnected meanwhile
-            deadline = time.monotonic() + (timeout_s or self.timeout_s)
+            deadline = time.monotonic() + (timeout_s or self.reconnect_s)
             while True:
                 self._drop()
                 self._broken = None

@@ -34,10 +34,16 @@ def _bench(tmp_path: Path, *extra: str) -> tuple[dict[str, object], str]:
 def _check(figures: object, backend: str) -> None:
     assert isinstance(figures, dict) and figures.keys() >= KEYS, figures
     assert figures["backend"] == backend
-    for key in ("throughput_ratio", "commit_to_ack_us_p50", "commit_to_ack_us_p99",
-                "gated_mb_s", "ungated_mb_s"):
+    for key in ("throughput_ratio", "gated_mb_s", "ungated_mb_s"):
         value = figures[key]
         assert isinstance(value, float | int) and math.isfinite(value) and value > 0, figures
+    # latencies compare capture timestamps with the commits' wall clock: in the TCG guest under
+    # load the capture's timestamps are coarse (a p99 of exactly 8000.1 us, a p50 of 0.0 in one
+    # stressed run), so an ACK may be stamped no later than its commit: 0 is a figure too
+    for key in ("commit_to_ack_us_p50", "commit_to_ack_us_p99"):
+        value = figures[key]
+        assert isinstance(value, float | int) and math.isfinite(value) and value >= 0, figures
+    assert figures["commit_to_ack_us_p99"] >= figures["commit_to_ack_us_p50"]
     assert figures["upload_bytes"] == 2_000_000
 
 
