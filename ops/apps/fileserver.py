@@ -53,6 +53,7 @@ import secrets
 import socket
 import stat
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,11 @@ import structlog
 
 from checkpointer.api import Contract
 from checkpointer.client import Checkpointer
+from ops import logs
 from ops.apps import httpwire
 from ops.apps.httpwire import HttpError, Request, file_name, parse_head, parse_range
 from ops.apps.kvserver import Server, ServerConnection, add_server_arguments, run
+from resurrector.adopt import Adopted, adopt
 
 log = structlog.get_logger(component="tcpcp.ops.apps.fileserver")
 
@@ -111,8 +114,58 @@ class FileConnection(ServerConnection):
         if g is not None:
             g.commit(self.state(), consumed=consumed, produced=self.produced)
 
+    # -------------------------------------------------------------- a standby's resume
+    adopted: Adopted | None = None
+
+    def _resume(self, a: Adopted) -> bool:
+        """Go on with the response a resurrected connection was in (see the module docstring:
+        the peer is at a.produced); False when it cannot be regenerated (closed)."""
+        self.current = json.loads(a.state)
+        self.received, self.produced = a.consumed, a.produced
+        c = self.current
+        if c.get("method") not in ("GET", "HEAD") or "file" not in c:
+            if c.get("method") == "PUT" and not c.get("stored"):
+                self.log.warning("resume_refused", reason="an upload in progress is not "
+                                 "resumed by this example server")
+                self.abort("cannot_resume")
+                return False
+            return True  # between requests: read the next one
+        head = c["head"].encode("latin-1")
+        at, first, length = c["at"], c["first"], c["length"]
+        h = at + len(head)
+        if self.produced < h:
+            self.send(head[self.produced - at:])
+        done = self.produced - h
+        path = self.server.root / c["file"]
+        try:
+            f = open(path, "rb")  # noqa: SIM115  (closed below)
+        except OSError:
+            self.abort("file_gone")
+            return False
+        with f:
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns) != (c["size"], c["mtime_ns"]):
+                self.log.warning("resume_refused", reason="the file changed", file=c["file"])
+                self.abort("file_changed")
+                return False
+            while done < length:
+                n = self.sock.sendfile(f, first + done, min(COMMIT_EVERY, length - done))
+                if n == 0:
+                    self.abort("file_changed")
+                    return False
+                self.produced += n
+                done += n
+        self.log.info("response_resumed", file=c["file"], from_offset=first + a.produced - h
+                      if a.produced >= h else first, sent=done)
+        if c.get("close"):
+            self.end("closed_after_response")
+            return False
+        return True
+
     # -------------------------------------------------------------- requests
     def serve(self) -> None:
+        if self.adopted is not None and not self._resume(self.adopted):
+            return
         while True:
             request = self._read_head()
             if request is None:
@@ -356,7 +409,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "written and flushed only)")
     parser.add_argument("--max-upload", type=int, default=DEFAULT_MAX_UPLOAD, metavar="BYTES",
                         help=f"largest upload accepted (default {DEFAULT_MAX_UPLOAD})")
+    parser.add_argument("--adopt", metavar="HANDOVER_SOCKET",
+                        help="instead of listening: the standby's side, go on with every "
+                        "connection the resurrector hands over on this socket (responses "
+                        "regenerated from the committed state, then served unguarded)")
     return parser
+
+
+def adopt_all(handover: str, root: Path) -> int:
+    """The standby's side: go on with every connection the resurrector hands over (unguarded:
+    this example has no checkpointer of its own on the standby), until it closes."""
+    logs.configure()
+    # the accept loop is never run: an unbound socket stands for the listener
+    server = FileServer(socket.socket(), None, root)
+    log.info("adopting", handover=handover)
+    for n, a in enumerate(adopt(handover)):
+        conn = server.connection(a.sock, n)
+        conn.adopted = a
+        log.info("adopted", conn=a.conn, consumed=a.consumed, produced=a.produced)
+        threading.Thread(target=conn.run, daemon=True, name=f"adopted-{n}").start()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"--root: expected a directory, got {str(args.root)!r}")
+    if args.adopt:
+        return adopt_all(args.adopt, args.root.resolve())
     return run(args, Contract.REGENERABLE, lambda listener, cp: FileServer(
         listener, cp, args.root.resolve(), fsync=args.fsync, max_upload=args.max_upload,
         max_connections=args.max_connections), log)

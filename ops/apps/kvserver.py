@@ -475,9 +475,9 @@ def listen(address: str, backlog: int = 1024) -> socket.socket:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--listen", required=True, metavar="ADDR:PORT",
+    parser.add_argument("--listen", metavar="ADDR:PORT",
                         help="address to listen on, e.g. 127.0.0.1:6379 or [::1]:6379 "
-                        "(port 0: a free port, logged at start)")
+                        "(port 0: a free port, logged at start); required to serve")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--checkpointer", type=Path, metavar="SOCKET_PATH",
                        help=f"the checkpointer agent's unix socket (default: "
@@ -515,6 +515,9 @@ def run(args: argparse.Namespace, contract: Contract,
     """Listen, reach the agent (unless --no-checkpointer) and guard the listener, serve until
     SIGTERM or SIGINT; the exit status."""
     logs.configure()
+    if not args.listen:
+        logger.error("listen_missing", expected="--listen ADDR:PORT")
+        return 2
     try:
         listener = listen(args.listen)
     except (ValueError, OSError) as exc:

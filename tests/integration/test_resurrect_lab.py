@@ -413,3 +413,76 @@ def test_a_zombie_origin_cut_from_the_store_is_silent_after_the_takeover(
     assert "fenced" in refused, refused
     assert [s for s in peer_cap.segments() if s.flags & RST] == []
     assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
+
+
+def test_a_curl_download_crashed_mid_way_resumes_from_the_standby_where_the_peer_is(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    """The HTTP file server (regenerable output: its state maps stream positions to file
+    offsets) serves a rate-limited `curl` download; the origin is crashed with the peer ahead
+    of the last checkpoint (commits every MiB); the standby's file server adopts the connection
+    and writes the file on from the position the peer acknowledged. curl gets the file whole."""
+    lab = fresh_lab
+    redis = RedisServer(lab, "store", 6417).start()
+    keys = write_keys(tmp_path / "keys.json")
+    origin, port = "files", PORT + 4
+    root = tmp_path / "root"
+    root.mkdir()
+    data = os.urandom(24_000_000)
+    (root / "big.bin").write_bytes(data)
+    agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
+                         workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
+    handover = agent.socket_path.parent / "handover.sock"
+    cap = None
+    env = dict(os.environ, TCPCP_LOG_FORMAT="json")
+    try:
+        agent.start()
+        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
+        with (tmp_path / "resurrector.log").open("wb") as out:
+            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                  str(keys), "--origin", origin, "--serve", lab.service(4),
+                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
+                                  "--once", "--log-format", "json"],
+                      stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(env, TCPCP_RESURRECTOR_LINGER_S="120"))
+        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
+                   30, what="the resurrector watching")
+        with (tmp_path / "standby-files.log").open("wb") as out:
+            lab.popen("standby", [sys.executable, "-m", "ops.apps.fileserver", "--root",
+                                  str(root), "--adopt", str(handover)],
+                      stdout=out, stderr=subprocess.STDOUT, env=env)
+        with (tmp_path / "files.log").open("wb") as out:
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.fileserver", "--listen",
+                                 f"0.0.0.0:{port}", "--root", str(root), "--checkpointer",
+                                 str(agent.socket_path)], stdout=out, stderr=subprocess.STDOUT,
+                      env=env)
+        wait_until(lambda: '"listening"' in (tmp_path / "files.log").read_text(), 30,
+                   what="the file server listening")
+        store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
+                         load_keyring(keys))
+        cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {port}", snaplen=96,
+                             path=tmp_path / "peer.pcap").start()
+        paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
+        got = tmp_path / "got.bin"
+        curl = lab.popen("peer", ["curl", "-sS", "--fail", "--limit-rate", "4M", "-o", str(got),
+                                  f"http://{lab.service(4)}:{port}/big.bin"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def produced() -> int:
+            return max((r.checkpoint.outbound_produced for r in lab.call(
+                "standby", lambda: list(store.records(origin))) if r.checkpoint), default=0)
+        wait_until(lambda: produced() > 6_000_000, 60, what="6 MB served and committed")
+        lab.crash("origin")
+        _, err = curl.communicate(timeout=120)
+        lab.call("standby", store.close)
+    finally:
+        if cap is not None:
+            cap.stop()
+        agent.close()
+    assert curl.returncode == 0, err + (tmp_path / "resurrector.log").read_text()[-2000:]
+    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(data).digest()
+    resumed = _events(tmp_path / "standby-files.log", "response_resumed")
+    assert len(resumed) == 1 and 0 < resumed[0]["from_offset"] < len(data)
+    timeline = _events(tmp_path / "resurrector.log", "failover_timeline")
+    assert len(timeline) == 1 and timeline[0]["resurrected"] == 1, timeline
+    assert [s for s in cap.segments() if s.flags & RST] == []
+    assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
