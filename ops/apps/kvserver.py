@@ -72,6 +72,7 @@ from checkpointer.client import Checkpointer, CheckpointerUnavailable, Guarded, 
 from ops import logs
 from ops.apps import resp
 from ops.apps.resp import ConnectionState, KvState, ProtocolError, RequestParser
+from resurrector.adopt import adopt
 
 log = structlog.get_logger(component="tcpcp.ops.apps.kvserver")
 
@@ -550,8 +551,41 @@ def run(args: argparse.Namespace, contract: Contract,
     return status
 
 
+def adopt_all(handover: str, max_keys: int) -> int:
+    """The standby's side: go on with every connection the resurrector hands over (unguarded:
+    this example has no checkpointer of its own on the standby). The key space is the newest
+    of the adopted states (highest generation); the replies the peer had not received were
+    re-queued by the resurrector from the output log, so each connection reads on at its
+    committed position. Connections are served as they arrive: one adopted after another has
+    written would bring an older key space only if its generation were higher, which a
+    snapshot taken before those writes cannot have."""
+    logs.configure()
+    # the accept loop is never run: an unbound socket stands for the listener
+    server = KvServer(socket.socket(), None, max_keys=max_keys)
+    log.info("adopting", handover=handover)
+    for n, a in enumerate(adopt(handover)):
+        state = ConnectionState.decode(a.state)
+        kv = KvState.restore(state.snapshot, max_bytes=server.kv.max_bytes, max_keys=max_keys)
+        with server.lock:
+            if kv.generation > server.kv.generation:
+                server.kv = kv
+        conn = server.connection(a.sock, n)
+        conn.received, conn.produced = a.consumed, a.produced
+        conn.parser.feed(state.pending)
+        log.info("adopted", conn=a.conn, consumed=a.consumed, produced=a.produced,
+                 generation=kv.generation)
+        threading.Thread(target=conn.run, daemon=True, name=f"adopted-{n}").start()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.add_argument("--adopt", metavar="HANDOVER_SOCKET",
+                        help="instead of listening: the standby's side, go on with every "
+                        "connection the resurrector hands over on this socket")
+    args = parser.parse_args(argv)
+    if args.adopt:
+        return adopt_all(args.adopt, args.max_keys)
     return run(args, Contract.LOGGED, lambda listener, cp: KvServer(
         listener, cp, max_keys=args.max_keys, max_connections=args.max_connections))
 

@@ -486,3 +486,69 @@ def test_a_curl_download_crashed_mid_way_resumes_from_the_standby_where_the_peer
     assert len(timeline) == 1 and timeline[0]["resurrected"] == 1, timeline
     assert [s for s in cap.segments() if s.flags & RST] == []
     assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
+
+
+def test_a_redis_cli_incr_session_crashed_between_request_and_reply_counts_exactly_once(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    """The key-value server (logged output: every reply checkpointed before it is written)
+    serves a redis-cli session sending one INCR every 10 ms; the origin is crashed mid-way,
+    with requests sent and replies logged but not all delivered. The standby's key-value server
+    adopts the connection (the resurrector re-queues the replies the peer lacks from the output
+    log); redis-cli sees 1, 2, ..., N: no INCR lost, none applied twice."""
+    lab = fresh_lab
+    n = 400
+    redis = RedisServer(lab, "store", 6418).start()
+    keys = write_keys(tmp_path / "keys.json")
+    origin, port = "kv", PORT + 5
+    agent = AgentProcess(lab, "origin", store_url=redis.url, keys=keys, guard=[port],
+                         workdir=tmp_path, origin=origin, ttl_ms=1000, backend="bpf")
+    handover = agent.socket_path.parent / "handover.sock"
+    cap = None
+    env = dict(os.environ, TCPCP_LOG_FORMAT="json")
+    try:
+        agent.start()
+        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
+        with (tmp_path / "resurrector.log").open("wb") as out:
+            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
+                                  str(keys), "--origin", origin, "--serve", lab.service(4),
+                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
+                                  "--once", "--log-format", "json"],
+                      stdout=out, stderr=subprocess.STDOUT,
+                      env=dict(env, TCPCP_RESURRECTOR_LINGER_S="120"))
+        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
+                   30, what="the resurrector watching")
+        with (tmp_path / "standby-kv.log").open("wb") as out:
+            lab.popen("standby", [sys.executable, "-m", "ops.apps.kvserver", "--adopt",
+                                  str(handover)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        with (tmp_path / "kv.log").open("wb") as out:
+            lab.popen("origin", [sys.executable, "-m", "ops.apps.kvserver", "--listen",
+                                 f"0.0.0.0:{port}", "--checkpointer", str(agent.socket_path)],
+                      stdout=out, stderr=subprocess.STDOUT, env=env)
+        wait_until(lambda: '"listening"' in (tmp_path / "kv.log").read_text(), 30,
+                   what="the key-value server listening")
+        store = lab.call("standby", CheckpointStore.connect, StoreConfig(url=redis.url),
+                         load_keyring(keys))
+        cap = Capture.in_lab(lab, "peer", "eth0", f"tcp port {port}", snaplen=96,
+                             path=tmp_path / "peer.pcap").start()
+        paws_before = G.nstat(lab.run, "peer", "TcpExtPAWSEstab")
+        cli = lab.popen("peer", ["redis-cli", "-h", lab.service(4), "-p", str(port), "-r",
+                                 str(n), "-i", "0.01", "INCR", "counter"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def produced() -> int:
+            return max((r.checkpoint.outbound_produced for r in lab.call(
+                "standby", lambda: list(store.records(origin))) if r.checkpoint), default=0)
+        wait_until(lambda: produced() > 600, 60, what="about 100 INCRs answered")
+        lab.crash("origin")
+        out_text, err = cli.communicate(timeout=120)
+        lab.call("standby", store.close)
+    finally:
+        if cap is not None:
+            cap.stop()
+        agent.close()
+    assert cli.returncode == 0, err + (tmp_path / "resurrector.log").read_text()[-2000:]
+    assert out_text.split() == [str(i) for i in range(1, n + 1)]  # exactly once, in order
+    adopted = _events(tmp_path / "standby-kv.log", "adopted")
+    assert len(adopted) == 1 and 0 < adopted[0]["generation"] < n
+    assert [s for s in cap.segments() if s.flags & RST] == []
+    assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
