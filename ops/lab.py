@@ -561,9 +561,9 @@ class Lab:
     def slow_retransmissions(self, host: str, rto_min_ms: int) -> Iterator[None]:
         """Inside, connections `host` opens wait at least rto_min_ms before retransmitting:
         its default routes carry a locked rto_min metric (the kernel ignores an unlocked one,
-        tcp_rto_min in tcp.h). For tests that hold the other side's ACKs on a loaded machine,
-        where the ordinary 200 ms timer can fire first. A socket keeps the route it connected
-        with: open the connection inside."""
+        tcp_rto_min in tcp.h), and its tail loss probe is off (tcp_early_retrans 0). For tests
+        that hold the other side's ACKs on a loaded machine, where the ordinary timers can fire
+        first. A socket keeps the route it connected with: open the connection inside."""
         h = self.host(host)
         via4, via6 = ((CLIENT_V4 + "1", CLIENT_V6 + "1") if h.name == "peer"
                       else (self.hosts["gw"].v4, self.hosts["gw"].v6))
@@ -572,9 +572,14 @@ class Lab:
             for via, af in routes:
                 ipr.route("replace", dst="default", gateway=via, family=af,
                           metrics={"rto_min": rto_min_ms, "lock": 1 << _RTAX_RTO_MIN})
+        # the tail loss probe fires after two smoothed RTTs whatever rto_min says (a loaded
+        # patched guest resent the held bytes that way): off while inside
+        early = self.sysctl_get(host, "net.ipv4.tcp_early_retrans")
+        self.sysctl(host, "net.ipv4.tcp_early_retrans", 0)
         try:
             yield
         finally:
+            self.sysctl(host, "net.ipv4.tcp_early_retrans", early)
             with self._netlink(host) as ipr:
                 for via, af in routes:
                     ipr.route("replace", dst="default", gateway=via, family=af)

@@ -89,6 +89,9 @@ class VethPair:
                     ip.addr("add", index=idx, address=origin if side == 0 else peer,
                             prefixlen=plen, family=socket.AF_INET if family == 4
                             else socket.AF_INET6)
+                    if rto_min_ms is not None and family == 4:
+                        # no tail loss probe either: it fires after two smoothed RTTs
+                        Path("/proc/sys/net/ipv4/tcp_early_retrans").write_text("0")
                     if rto_min_ms is not None:
                         ip.route("add", dst=f"{origin}/{32 if family == 4 else 128}",
                                  oif=idx, metrics={"rto_min": rto_min_ms,
