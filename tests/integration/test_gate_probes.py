@@ -282,8 +282,15 @@ def test_challenge_acks_of_a_guarded_flow_leave_clamped_and_the_connection_survi
     wire = _observe(h, "TcpExtTCPChallengeACK", inject_six)
     bad = [s for s in wire.peer if s.flags & (RST | SYN)]
     assert len(bad) == len(injected)  # all six reached the origin's link
-    answers = [s for s in wire.origin
-               if s.payload_len == 0 and any(0 <= s.at - b.at < 0.05 for b in bad)]
+    # an answer: the first pure ACK of the origin within 50 ms after an injected segment, one
+    # per injection at most (a loaded patched guest also answered a retransmission of the
+    # peer's in such a window: 7 ACKs for 6 counted challenges)
+    answers = []
+    for b in bad:
+        first = next((s for s in wire.origin
+                      if s.payload_len == 0 and 0 <= s.at - b.at < 0.05), None)
+        if first is not None and first not in answers:
+            answers.append(first)
     # the gate may drop an answer repeating the ACK on the wire; never does one leave uncounted
     assert wire.counted >= 3 and 3 <= len(answers) <= wire.counted
     _assert_clamped_checksummed_edge_kept(h, wire)
