@@ -91,17 +91,23 @@ class Sink:
 
 def _commit(g: Guarded, out: Sink, state: bytes, *, consumed: int,
             end_of_stream: bool = False) -> None:
-    """Commit, waiting out the agent's UNAVAILABLE (store partitioned: flows frozen)."""
-    deadline = time.monotonic() + 60
-    while True:
+    """Commit, waiting out the agent's UNAVAILABLE (store partitioned: flows frozen); any
+    other refusal is raised at once."""
+    def settled() -> tuple[ApiError | None] | None:
+        """(None,) once committed, (error,) once refused for good, None while UNAVAILABLE."""
         try:
             g.commit(state, consumed=consumed, end_of_stream=end_of_stream)
-            return
         except ApiError as exc:
-            if exc.code is not ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
+            if exc.code is not ErrorCode.UNAVAILABLE:
+                return (exc,)
             out.errors.append(exc.code.name)
-            time.sleep(0.05)
+            return None
+        return (None,)
+    outcome = wait_until(settled, 60, what="a commit the agent accepts")
+    assert outcome is not None
+    (refused,) = outcome
+    if refused is not None:
+        raise refused
 
 
 def committing_sink(path: Path, port: int, out: Sink, before_close: threading.Event,
@@ -153,6 +159,7 @@ def test_an_upload_is_committed_record_by_record_and_no_ack_passes_the_commit(
         # the record in Redis is the application's last commit
         record = wait_until(lambda: _record_at(setup, out, total), 30,
                             what="the last commit's record in Redis")
+        assert record is not None
         metrics = setup.agent.metrics()
         release.set()
         fut.result(timeout=60)
