@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,7 +147,6 @@ class AgentProcess:
         if self._mounted:
             subprocess.run(["umount", "-l", str(self.pin_root)], check=False)
             self._mounted = False
-        with contextlib.suppress(OSError):
-            self.socket_path.unlink()
-        with contextlib.suppress(OSError):
-            self.socket_path.parent.rmdir()
+        # the whole directory: tests put their other sockets (the resurrector's hand-over)
+        # beside the agent's, and a leftover directory per run piles up in /run
+        shutil.rmtree(self.socket_path.parent, ignore_errors=True)
