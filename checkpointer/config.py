@@ -344,6 +344,13 @@ def _origin(text: str) -> str:
         raise _Invalid(f"an origin name ({exc})") from None
 
 
+def _holder(text: str) -> str:
+    try:
+        return check_name("holder", text)
+    except ValueError as exc:
+        raise _Invalid(f"a holder name ({exc})") from None
+
+
 def _plain(text: str) -> str:
     if not text or any(c.isspace() or not c.isprintable() for c in text):
         raise _Invalid("a non-empty name without spaces")
@@ -441,6 +448,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lease.renew_ms", Int(1, 3_600_000, what="an integer"), None,
             "how often the lease is renewed; must be below lease.ttl_ms / 2",
             default_text="lease.ttl_ms / 3"),
+    Setting("lease.holder", Text("a holder name", "NAME", _holder, optional=True), None,
+            "who holds the origin's lease; a standby's checkpointer for another host's "
+            "origin needs a name of its own, the one its resurrector claims for "
+            "(--claim-for)", default_text="checkpointer@ORIGIN"),
+    Setting("standby", Bool(), False,
+            "a standby's checkpointer: wait without limit until the origin is claimed for "
+            "lease.holder (by this host's resurrector), then guard the connections handed "
+            "over here; without it a lease not acquired in 3 TTLs is an error"),
     Setting("checkpoint_period_ms", Int(1, 3_600_000), 1000,
             "how often every guarded connection is checkpointed"),
     Setting("commit.interval_ms", Int(0, 60_000), 5,
@@ -498,6 +513,8 @@ class Config:
     guarded_ports: tuple[GuardedPort, ...]
     lease_ttl_ms: int
     lease_renew_ms: int
+    lease_holder: str
+    standby: bool
     checkpoint_period_ms: int
     commit_policy: CommitPolicy
     socket_path: Path
@@ -717,6 +734,9 @@ def _build(values: dict[str, Any], sources: dict[str, str], hostname: str | None
         except _Invalid as exc:
             raise ConfigError("default (the host name)", "origin", str(exc), hostname) from None
         src["origin"] = "default (the host name)"
+    if v["lease.holder"] is None:
+        v["lease.holder"] = f"checkpointer@{v['origin']}"
+        src["lease.holder"] = "default (checkpointer@ORIGIN)"
     ttl = v["lease.ttl_ms"]
     if v["lease.renew_ms"] is None:
         v["lease.renew_ms"], src["lease.renew_ms"] = ttl // 3, "default (lease.ttl_ms / 3)"
@@ -740,7 +760,8 @@ def _build(values: dict[str, Any], sources: dict[str, str], hostname: str | None
         store_password_file=v["store.password_file"],
         keys_file=v["store.keys_file"], origin=v["origin"], interfaces=v["interfaces"],
         gate_backend=GateBackend(v["gate_backend"]), guarded_ports=v["guarded_ports"],
-        lease_ttl_ms=ttl, lease_renew_ms=renew, checkpoint_period_ms=v["checkpoint_period_ms"],
+        lease_ttl_ms=ttl, lease_renew_ms=renew, lease_holder=v["lease.holder"],
+        standby=v["standby"], checkpoint_period_ms=v["checkpoint_period_ms"],
         commit_policy=policy, socket_path=v["socket_path"],
         allowed_uids=frozenset(v["allowed_uids"]), allowed_gids=frozenset(v["allowed_gids"]),
         metrics_address=v["metrics_address"], log_format=v["log.format"],

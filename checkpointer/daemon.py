@@ -11,6 +11,15 @@ signing keys -> store (durability checked) -> the lease, acquired and held -> th
 (pinned under /sys/fs/bpf/tcpcp: a gate a killed agent left is taken over in one step, so its
 flows are never ungated) -> metrics -> the local API socket.
 
+The lease holder (lease.holder, default checkpointer@ORIGIN) is the same across restarts of the
+agent, so a restarted agent takes its own lease back instead of waiting for it to expire.
+
+A standby's checkpointer (`--standby --origin web1 --lease-holder checkpointer@web1@sb1`) runs
+beside the resurrector of another host's origin. It waits, without limit, until that
+resurrector claims the origin for its holder (resurrector --claim-for), then renews the lease and
+guards the connections the standby application adopted, under the origin's name and the claimed
+epoch, so that a second failure (or a fail back) is survived as the first was.
+
 SIGTERM / SIGINT: stop taking requests, finish the commits queued, leave the gate attached and
 pinned (no flow is ungated, no ACK released that was not committed), stop renewing the lease
 without releasing it (the connections are still alive here: a standby must not take them
@@ -74,12 +83,6 @@ class NftFreezer:
         self.isolation.remove([flow_of(s) for s in conns])
 
 
-def holder_name(origin: str) -> str:
-    """The lease holder: one per origin, the same across restarts of its agent (a restarted
-    agent takes its own lease back instead of waiting for it to expire)."""
-    return f"checkpointer@{origin}"
-
-
 def run(config: cfg.Config, *, ready: threading.Event | None = None,
         stop: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT (or `stop`, for tests); the exit status."""
@@ -107,9 +110,10 @@ def run(config: cfg.Config, *, ready: threading.Event | None = None,
         if agent_box:
             agent_box[0].thaw_all()
 
-    keeper = LeaseKeeper(store, origin=config.origin, holder=holder_name(config.origin),
+    keeper = LeaseKeeper(store, origin=config.origin, holder=config.lease_holder,
                          timing=LeaseTiming(config.lease_ttl_ms, config.lease_renew_ms),
-                         freeze_all=freeze_all, thaw_all=thaw_all, metrics=metrics)
+                         freeze_all=freeze_all, thaw_all=thaw_all, metrics=metrics,
+                         standby=config.standby)
     settings = Settings(
         origin=config.origin, socket_path=config.socket_path,
         guarded=Guarded.of(ports=[g.port for g in config.guarded_ports if g.address is None],
@@ -127,6 +131,14 @@ def run(config: cfg.Config, *, ready: threading.Event | None = None,
     metrics_server = None
     try:
         keeper.start()
+        if config.standby:
+            dlog.info("checkpointer_standby", holder=config.lease_holder,
+                      waiting_for="the origin claimed for this holder")
+            while not stop.is_set() and keeper.wait_for(
+                    {LeaseState.HELD, LeaseState.TAKEN_OVER}, 1.0) is LeaseState.ACQUIRING:
+                pass
+            if stop.is_set():
+                return 0
         if not keeper.wait_held(config.lease_ttl_ms / 1000 * 3):
             dlog.error("lease_not_acquired", state=keeper.state.value,
                        expected="the origin's lease held within 3 TTLs")

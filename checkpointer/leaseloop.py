@@ -65,8 +65,12 @@ class LeaseKeeper:
     def __init__(self, store: CheckpointStore, *, origin: str, holder: str, timing: LeaseTiming,
                  freeze_all: Callable[[], object], thaw_all: Callable[[], object],
                  metrics: CheckpointerMetrics | None = None,
-                 clock: Callable[[], int] = monotonic_ms) -> None:
+                 clock: Callable[[], int] = monotonic_ms, standby: bool = False) -> None:
+        """standby: until the lease is first held, another holder's lease or ownership means
+        "not claimed for us yet" (keep asking) instead of "taken over" (frozen for good)."""
         self._store = store
+        self._standby = standby
+        self._waiting_logged = False
         self._origin = origin
         self._holder = holder
         self._freeze_all = freeze_all
@@ -216,6 +220,9 @@ class LeaseKeeper:
         except LeaseLost as exc:  # renew only: the epoch check passed, so nobody claimed yet
             return RenewFailed(self._clock(), FailReason.EXPIRED, str(exc))
         except (StaleEpoch, NotOwner, LeaseHeld) as exc:
+            if self._standby and call.action is Action.ACQUIRE and call.epoch is None \
+                    and not isinstance(exc, StaleEpoch):
+                return self._still_waiting(exc)
             self._log.error("lease_claimed_by_another", error=f"{type(exc).__name__}: {exc}")
             return Lost(self._clock(), self._claimed_epoch(exc))
         except StoreError as exc:
@@ -226,6 +233,14 @@ class LeaseKeeper:
             self._log.error("lease_call_crashed", call=call.action.value,
                             error=f"{type(exc).__name__}: {exc}", exc_info=True)
             return RenewFailed(self._clock(), FailReason.UNAVAILABLE, repr(exc))
+
+    def _still_waiting(self, exc: StoreError) -> Event:
+        """A standby's keeper before its first lease: the origin is still another holder's."""
+        if not self._waiting_logged:
+            self._waiting_logged = True
+            self._log.info("standby_waiting_for_claim", error=f"{type(exc).__name__}: {exc}")
+        return RenewFailed(self._clock(), FailReason.UNAVAILABLE,
+                           f"not claimed for {self._holder} yet: {exc}")
 
     def _claimed_epoch(self, exc: StoreError) -> int | None:
         if isinstance(exc, StaleEpoch):

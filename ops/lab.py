@@ -415,35 +415,14 @@ class Lab:
                      address=gw.mac)
             br = ipr.link_lookup(ifname="br0")[0]
             for h in self.hosts.values():
-                if h.gw_port is None:
-                    continue
-                ipr.link("add", ifname=h.gw_port, kind="veth",
-                         peer={"ifname": "eth0", "net_ns_fd": h.netns, "address": h.mac})
-                port = ipr.link_lookup(ifname=h.gw_port)[0]
-                if h.name == "peer":
-                    ipr.addr("add", index=port, address=CLIENT_V4 + "1", prefixlen=24)
-                    ipr.addr("add", index=port, address=CLIENT_V6 + "1", prefixlen=64)
-                else:
-                    ipr.link("set", index=port, master=br)
-                ipr.link("set", index=port, state="up")
+                if h.gw_port is not None:
+                    self._plug(ipr, br, h)
             ipr.addr("add", index=br, address=gw.v4, prefixlen=24)
             ipr.addr("add", index=br, address=gw.v6, prefixlen=64)
             ipr.link("set", index=br, state="up")
         for h in self.hosts.values():
-            if h.name == "gw":
-                continue
-            with IPRoute(netns=h.netns) as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                eth = ipr.link_lookup(ifname="eth0")[0]
-                ipr.addr("add", index=eth, address=h.v4, prefixlen=24)
-                ipr.addr("add", index=eth, address=h.v6, prefixlen=64)
-                ipr.link("set", index=eth, state="up")
-                via4, via6 = ((CLIENT_V4 + "1", CLIENT_V6 + "1") if h.name == "peer"
-                              else (gw.v4, gw.v6))
-                ipr.route("add", dst="default", gateway=via4)
-                ipr.route("add", dst="default", gateway=via6, family=socket.AF_INET6)
-                if h.name == "origin":
-                    self._add_service(ipr, eth)
+            if h.name != "gw":
+                self._configure(h)
         self._route_service_via("origin")
         for h in self.hosts.values():
             ports = [x.gw_port for x in self.hosts.values() if x.gw_port] if h.name == "gw" \
@@ -451,6 +430,73 @@ class Lab:
             netns.steer_flows(h.netns, [p for p in ports if p])
         # accept a gratuitous ARP at once, however recently the entry was updated
         netns.sysctl_write(gw.netns, "net.ipv4.neigh.br0.locktime", "0")
+
+    def _plug(self, ipr: IPRoute, br: int, h: Host) -> None:
+        """The gateway's side of h's cable: the veth pair, its far end moved into h."""
+        assert h.gw_port is not None
+        ipr.link("add", ifname=h.gw_port, kind="veth",
+                 peer={"ifname": "eth0", "net_ns_fd": h.netns, "address": h.mac})
+        port = ipr.link_lookup(ifname=h.gw_port)[0]
+        if h.name == "peer":
+            ipr.addr("add", index=port, address=CLIENT_V4 + "1", prefixlen=24)
+            ipr.addr("add", index=port, address=CLIENT_V6 + "1", prefixlen=64)
+        else:
+            ipr.link("set", index=port, master=br)
+        ipr.link("set", index=port, state="up")
+
+    def _configure(self, h: Host) -> None:
+        """h's own side: loopback, eth0's addresses, default routes (and the service address
+        on the origin at first)."""
+        gw = self.hosts["gw"]
+        with IPRoute(netns=h.netns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth, address=h.v4, prefixlen=24)
+            ipr.addr("add", index=eth, address=h.v6, prefixlen=64)
+            ipr.link("set", index=eth, state="up")
+            via4, via6 = ((CLIENT_V4 + "1", CLIENT_V6 + "1") if h.name == "peer"
+                          else (gw.v4, gw.v6))
+            ipr.route("add", dst="default", gateway=via4)
+            ipr.route("add", dst="default", gateway=via6, family=socket.AF_INET6)
+            if h.name == "origin" and not self._built:
+                self._add_service(ipr, eth)
+
+    def reboot(self, host: str) -> None:
+        """Bring a crashed server host back as a freshly booted machine: its namespace (every
+        socket, gate, filter and route it had) is destroyed and built again, while it is still
+        cut off, so nothing of its old kernel state ever reaches the wire; then the cut is lifted.
+        It holds no service address: the traffic stays where it was moved."""
+        h = self.host(host)
+        if host not in SERVER_HOSTS:
+            raise LabError(f"only a server host can be rebooted, not {host!r}")
+        if not self._rules.get(h.gw_port or "", _PortRules()).cut:
+            raise LabError(f"{host} is running: crash it first (a reboot of a live host "
+                           "would reset its peers' connections)")
+        with self._lock:
+            ex = self._executors.pop(host, None)
+        if ex is not None:
+            ex.shutdown(wait=True, cancel_futures=True)
+        with self._netlink_lock:
+            ipr_old = self._netlinks.pop(host, None)
+            if ipr_old is not None:
+                with contextlib.suppress(Exception):
+                    ipr_old.close()
+        with self._netlink("gw") as ipr:  # the cable first: removing a namespace frees its
+            for idx in ipr.link_lookup(ifname=h.gw_port):  # devices only later, in the
+                ipr.link("del", index=idx)                   # background
+        netns.remove(h.netns)
+        netns.create(h.netns)
+        self._base_sysctls(h)
+        with self._netlink("gw") as ipr:
+            self._plug(ipr, ipr.link_lookup(ifname="br0")[0], h)
+        self._configure(h)
+        netns.steer_flows(h.netns, ["eth0"])
+        assert h.gw_port is not None
+        netns.steer_flows(self.hosts["gw"].netns, [h.gw_port])
+        self.service_holders.discard(host)
+        del self._rules[h.gw_port]  # the new gateway port carries no filter: the cut is gone
+        log.info("rebooted", host=host)
+        self._save()
 
     @contextlib.contextmanager
     def _netlink(self, host: str) -> Iterator[IPRoute]:

@@ -4,7 +4,7 @@ its hosts and inject failures from the shell.
     tcpcp lab up [--prefix P] [--stores N]      build a lab that stays until `down`
     tcpcp lab status [--json] [--reach]         hosts, addresses, service owner, failures
     tcpcp lab exec HOST -- CMD ARGS...          run a command inside a host
-    tcpcp lab crash HOST | partition HOST OTHER... | heal | switch HOST [--address]
+    tcpcp lab crash HOST | reboot HOST | partition HOST OTHER... | heal | switch HOST [--address]
     tcpcp lab switch-flow --to HOST FLOW...     move single connections (policy rules)
     tcpcp lab unswitch-flow FLOW... | --all     send them back along the main route
     tcpcp lab flows [--json]                    the connections switched, by host
@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cr = verbs.add_parser("crash", help="cut a host off at the gateway, then SIGKILL its processes")
     cr.add_argument("host")
     cr.set_defaults(func=_crash)
+    rb = verbs.add_parser("reboot", help="bring a crashed host back as freshly booted (no "
+                          "socket, gate or route of its old life), then lift its cut")
+    rb.add_argument("host")
+    rb.set_defaults(func=_reboot)
     pa = verbs.add_parser("partition",
                           help="drop IP traffic between HOST and OTHERS at the gateway")
     pa.add_argument("host")
@@ -164,6 +168,12 @@ def _exec(args: argparse.Namespace) -> int:
 def _crash(args: argparse.Namespace) -> int:
     killed = _attach(args).crash(args.host)
     print(f"{args.host} cut off at the gateway; killed {len(killed)} processes")
+    return 0
+
+
+def _reboot(args: argparse.Namespace) -> int:
+    _attach(args).reboot(args.host)
+    print(f"{args.host} rebooted and back on the network")
     return 0
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import structlog
 
+from kernel.gate import GATE_PIN_ROOT
+from kernel.gatebackend import Gate, open_gate
 from kernel.sanity import RestorePolicy
 from resurrector.handover import Handed, HandoverServer
 from resurrector.planner import Output
@@ -70,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an origin to watch (repeat for several; required)")
     p.add_argument("--name", default=None, help="this resurrector's holder name in the store "
                    "(default resurrector@<host name>)")
+    p.add_argument("--claim-for", default=None, metavar="HOLDER",
+                   help="claim the origin for this holder instead of --name: the lease.holder "
+                   "of this host's standby checkpointer (checkpointer --standby), which then "
+                   "keeps the lease and re-guards the adopted connections, so a second "
+                   "failure is survived too")
+    p.add_argument("--claim-hold-ms", type=int, default=30_000,
+                   help="with --claim-for: renew the claimed lease this long after the "
+                   "hand-over, for the standby checkpointer to take it (default 30000)")
+    p.add_argument("--gate-backend", choices=("off", "auto", "bpf", "patch"), default=None,
+                   help="put every restored connection under this host's ACK gate at its "
+                   "committed sequence before activation (the gate the standby checkpointer "
+                   "takes over; pinned under TCPCP_GATE_PIN_ROOT or /sys/fs/bpf/tcpcp). "
+                   "Default: auto with --claim-for, else off (with nobody to commit, a gated "
+                   "connection would stall)")
     p.add_argument("--interface", default="eth0", help="where the quarantine and the probes "
                    "go (default eth0)")
     p.add_argument("--serve", action="append", default=None, metavar="ADDRESS",
@@ -135,6 +151,8 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Nam
     if missing:
         parser.error(f"expected {', '.join('--' + m for m in missing)} (flag, "
                      f"{ENV}<NAME> or the TOML file), got none")
+    if args.gate_backend is None:
+        args.gate_backend = "auto" if args.claim_for else "off"
     if (args.takeover or ("command" if args.takeover_cmd else "address")) == "command" \
             and not args.takeover_cmd:
         parser.error("--takeover command: expected --takeover-cmd CMD, got none")
@@ -142,17 +160,23 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Nam
 
 
 class Renewer:
-    """Keeps a claimed origin's lease (until stopped)."""
+    """Keeps a claimed origin's lease (until stopped, or until hold_until, time.monotonic(),
+    once set: the standby checkpointer renews it from then on)."""
 
     def __init__(self, store: CheckpointStore, origin: str, holder: str, epoch: int,
                  ttl_ms: int) -> None:
         self.args = (origin, holder, epoch, ttl_ms)
         self.store = store
         self.stop = threading.Event()
+        self.hold_until: float | None = None
         threading.Thread(target=self._run, daemon=True, name=f"renew-{origin}").start()
 
     def _run(self) -> None:
         while not self.stop.wait(self.args[3] / 3000):
+            if self.hold_until is not None and time.monotonic() > self.hold_until:
+                log.info("claimed_lease_left_to_checkpointer", origin=self.args[0],
+                         holder=self.args[1])
+                return
             try:
                 self.store.lease_renew(*self.args)
             except StoreError as exc:
@@ -168,7 +192,8 @@ def _expired(store: CheckpointStore, origin: str) -> int | None:
 
 
 def failover(args: argparse.Namespace, store: CheckpointStore, handover: HandoverServer,
-             holder: str, origin: str, seen: int, t0: float) -> list[Any]:
+             holder: str, origin: str, seen: int, t0: float,
+             gate: Gate | None = None) -> list[Any]:
     """One failover of origin (the expiry seen at t0, time.monotonic())."""
     marks: dict[str, float] = {}
     flog = log.bind(origin=origin)
@@ -181,7 +206,7 @@ def failover(args: argparse.Namespace, store: CheckpointStore, handover: Handove
         flog.info("standing_down", reason=str(exc))
         return []
     mark("claimed")
-    Renewer(store, origin, holder, epoch, args.claim_ttl_ms)
+    renewer = Renewer(store, origin, holder, epoch, args.claim_ttl_ms)
     checkpoints: list[Checkpoint] = []
     for read in store.records(origin):
         if read.checkpoint is None:
@@ -199,13 +224,15 @@ def failover(args: argparse.Namespace, store: CheckpointStore, handover: Handove
         take_over=lambda: strategy(origin, flows),
         outputs=lambda cp: Output.LOGGED if cp.conn in logged else Output.REGENERABLE,
         output_log=lambda cp, pos: store.read_output(origin, cp.conn, pos),
-        probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark)
+        probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark, gate=gate)
     for r in results:
         if isinstance(r, Resurrected):
             handover.offer(Handed(r.conn, origin, epoch, r.resume_consumed, r.resume_produced,
                                   r.plan.peer_ahead, "logged" if r.conn in logged
                                   else "regenerable", r.checkpoint.app_state), r.sock)
     mark("handed")
+    if args.claim_for:
+        renewer.hold_until = time.monotonic() + args.claim_hold_ms / 1000
     done = sum(isinstance(r, Resurrected) for r in results)
     flog.info("failover_timeline", epoch=epoch, resurrected=done,
               skipped=[(r.conn, r.reason) for r in results if isinstance(r, Skipped)],
@@ -214,11 +241,18 @@ def failover(args: argparse.Namespace, store: CheckpointStore, handover: Handove
 
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
-    holder = args.name or f"resurrector@{socket.gethostname()}"
+    holder = args.claim_for or args.name or f"resurrector@{socket.gethostname()}"
     store = CheckpointStore.connect(config_from_args(args), load_keyring(args.keys))
+    gate = None
+    if args.gate_backend != "off":
+        # pinned where the standby checkpointer pins it: it takes these flows over as they are
+        gate = open_gate(args.interface,
+                         backend=None if args.gate_backend == "auto" else args.gate_backend,
+                         pin_root=Path(os.environ.get("TCPCP_GATE_PIN_ROOT") or GATE_PIN_ROOT))
     handover = HandoverServer(args.handover_socket, uids=args.allow_uid or [0]).start()
     log.info("resurrector_watching", origins=args.origin, holder=holder,
-             handover=str(args.handover_socket))
+             handover=str(args.handover_socket),
+             gate=None if gate is None else gate.backend.value)
     done: set[str] = set()
     try:
         while not stop.is_set():
@@ -234,7 +268,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                     continue
                 log.info("lease_expired_seen", origin=origin, epoch=seen)
                 try:
-                    failover(args, store, handover, holder, origin, seen, time.monotonic())
+                    failover(args, store, handover, holder, origin, seen, time.monotonic(),
+                             gate)
                 except (StoreError, TakeoverError) as exc:
                     log.error("failover_failed", origin=origin, error=str(exc))
                 done.add(origin)
@@ -245,4 +280,6 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         return 0
     finally:
         handover.close()
+        if gate is not None:
+            gate.leave()  # the restored flows stay gated at their commits, pinned
         store.close()

@@ -8,7 +8,9 @@ think --think-ms, again; at the end of stream commit it (consumed n, end_of_stre
 byte b"k", close through the agent. Nothing is written before the end, so output is trivially
 regenerable. A standby resumes a connection from its checkpoint with finish(): it reads on from
 position n and answers the same byte; `--adopt HANDOVER_SOCKET` does that for every connection
-the resurrector hands over.
+the resurrector hands over. With `--checkpointer` too (the standby's checkpointer, run with
+--standby), each adopted connection is guarded there and committed as on the origin, so a
+failure of the standby (a fail back) is survived as well.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ def _commit(g: Guarded, n: int, end: bool = False) -> None:
 
 
 def serve_one(cp: Checkpointer, conn: socket.socket, chunk: int, think_s: float,
-              on_data: Callable[[bytes], None] | None = None) -> int:
-    """Guard conn, read and commit it to its end, answer b"k", close; the bytes read."""
-    g = cp.guard(conn, state=state(0))
-    n = 0
+              on_data: Callable[[bytes], None] | None = None, start: int = 0) -> int:
+    """Guard conn (`start` bytes of it consumed already: an adopted connection), read and commit
+    it to its end, answer b"k", close; the total of bytes consumed."""
+    g = cp.guard(conn, consumed=start, state=state(start))
+    n = start
     while True:
         data = conn.recv(chunk)
         if not data:
@@ -83,16 +86,23 @@ def finish(sock: socket.socket, on_data: Callable[[bytes], None] | None = None) 
     return n
 
 
-def _finish_logged(sock: socket.socket, conn: str, consumed: int) -> None:
-    n = finish(sock)
-    log.info("finished", conn=conn, consumed=consumed, read_here=n, total=consumed + n)
+def _finish_logged(sock: socket.socket, conn: str, consumed: int,
+                   cp: Checkpointer | None = None, chunk: int = 65536,
+                   think_s: float = 0.0) -> None:
+    if cp is None:
+        n = finish(sock)
+    else:  # guarded here too: a failure of this host is survived as the origin's was
+        n = serve_one(cp, sock, chunk, think_s, start=consumed) - consumed
+    log.info("finished", conn=conn, consumed=consumed, read_here=n, total=consumed + n,
+             guarded=cp is not None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.apps.sink", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--listen", metavar="ADDR:PORT", help="serve uploads here")
-    p.add_argument("--checkpointer", metavar="SOCKET_PATH", help="the agent's socket")
+    p.add_argument("--checkpointer", metavar="SOCKET_PATH", help="the agent's socket (with "
+                   "--adopt: the standby's checkpointer, which guards the adopted connections)")
     p.add_argument("--adopt", metavar="HANDOVER_SOCKET",
                    help="instead: the standby's side, finish every connection the resurrector "
                    "hands over on this socket")
@@ -101,11 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logs.configure()  # TCPCP_LOG_FORMAT / TCPCP_LOG_LEVEL
     if args.adopt:
-        log.info("adopting", handover=args.adopt)
+        log.info("adopting", handover=args.adopt, checkpointer=args.checkpointer)
+        standby = None
+        if args.checkpointer:  # the standby's checkpointer: it may still be waiting for its
+            standby = Checkpointer(args.checkpointer, name="sink")  # lease; connect on use
         for adopted in adopt(args.adopt):
             log.info("adopted", conn=adopted.conn, consumed=adopted.consumed)
+            if standby is not None:
+                standby.reconnect(120)  # returns at once when connected
             threading.Thread(target=_finish_logged, daemon=True,
-                             args=(adopted.sock, adopted.conn, adopted.consumed)).start()
+                             args=(adopted.sock, adopted.conn, adopted.consumed, standby,
+                                   args.chunk, args.think_ms / 1000)).start()
         return 0
     if not (args.listen and args.checkpointer):
         p.error("expected --listen and --checkpointer (or --adopt)")

@@ -221,3 +221,42 @@ def test_a_claim_during_a_partition_leaves_the_keeper_taken_over_and_frozen(
             assert (seen.owner, seen.lease_holder, seen.epoch) == ("standby-b", "standby-b", 2)
     finally:
         partition.close()
+
+
+def test_a_standby_keeper_waits_for_the_claim_made_for_it_and_then_holds_the_claimed_epoch(
+        redis_server: LocalRedis, keyring: KeyRing, admin: CheckpointStore) -> None:  # noqa: F811
+    """The standby's checkpointer (checkpointer --standby): while the origin's own keeper holds
+    the lease, and after it expired unclaimed, the standby keeper keeps waiting (never taken
+    over, nothing frozen); once a resurrector claims the origin for its holder it holds the lease
+    at the claimed epoch. A plain keeper in its place ends taken over at once."""
+    flows, standby_flows = Flows(), Flows()
+    config = StoreConfig.standalone(redis_server.url, socket_timeout_s=0.5,
+                                    connect_timeout_s=0.5)
+    with keeper_on(redis_server.url, keyring, flows) as (origin_keeper, _, _), \
+            CheckpointStore.connect(config, keyring) as store:
+        plain = LeaseKeeper(store, origin=ORIGIN, holder="checkpointer@sb", timing=TIMING,
+                            freeze_all=lambda: None, thaw_all=lambda: None)
+        with plain:
+            wait_until(lambda: plain.state is LeaseState.TAKEN_OVER, 5,
+                       what="a plain keeper taken over by the live lease")
+        standby = LeaseKeeper(store, origin=ORIGIN, holder="checkpointer@sb",
+                              timing=TIMING, freeze_all=standby_flows.freeze_all,
+                              thaw_all=standby_flows.thaw_all, standby=True)
+        with standby:
+            time.sleep(2 * TTL_MS / 1000)  # its retries meet the live lease: it must wait
+            assert standby.state is LeaseState.ACQUIRING
+            origin_keeper.stop()  # the origin dies: its lease runs out, unclaimed
+            wait_until(lambda: admin.state(ORIGIN).lease_ms_left is None, 3,
+                       what="the origin's lease expired")
+            time.sleep(2 * TIMING.retry / 1000)  # retries meet an owner not us: wait on
+            assert standby.state is LeaseState.ACQUIRING
+            seen = admin.state(ORIGIN)
+            epoch = admin.claim(ORIGIN, "checkpointer@sb", seen.epoch, ttl_ms=TTL_MS)
+            assert standby.wait_held(5), standby.state
+            assert standby.epoch == epoch == seen.epoch + 1
+            time.sleep(2 * TTL_MS / 1000)  # it renews: the claim's short TTL is kept alive
+            state = admin.state(ORIGIN)
+            assert (state.owner, state.lease_holder, state.epoch) == (
+                "checkpointer@sb", "checkpointer@sb", epoch)
+            assert state.lease_ms_left is not None
+        assert standby_flows.calls == []
