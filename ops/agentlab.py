@@ -68,8 +68,10 @@ class AgentProcess:
         self._log: IO[bytes] | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30.0) -> AgentProcess:
-        """Start the daemon and wait until it says it is ready (its socket answers)."""
+    def start(self, timeout: float = 30.0, ready_event: str = "checkpointer_ready"
+              ) -> AgentProcess:
+        """Start the daemon and wait until it logs `ready_event` (by default: ready, its socket
+        answers; a standby's checkpointer says "checkpointer_standby" long before that)."""
         if not self._mounted and self.backend != "patch":  # the patch backend pins nothing
             self.pin_root.mkdir(exist_ok=True)
             subprocess.run(["mount", "-t", "bpf", "bpf", str(self.pin_root)], check=True)
@@ -86,7 +88,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"checkpointer exited {self.proc.returncode}: "
                                    f"{self.log_tail()}")
-            return self.log_text().count('"checkpointer_ready"') >= want
+            return self.log_text().count(f'"{ready_event}"') >= want
         wait_until(ready, timeout, what="the checkpointer agent ready")
         return self
 

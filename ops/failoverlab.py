@@ -1,0 +1,100 @@
+"""The standby side of a failover in the lab, as the crash tests and the demo set it up.
+
+    side = StandbySide(lab, "standby", origin="web1", store_url=redis.url, keys=keys,
+                       port=5501, workdir=tmp_path / "standby").start()
+    ...                                   # crash the origin: side's resurrector takes it over
+    side.timeline()                       # its failover_timeline line
+    side.finished()                       # the adopting sink's "finished" lines
+
+On `host`: a standby checkpointer for `origin` (--standby, its own lease holder and bpffs), a
+resurrector that claims the origin for that holder, gates what it restores (the gate the
+checkpointer takes over) and moves the service to `host` (its addresses, announced; or the
+gateway's route, through the lab's operator hook), and a sink that adopts what the resurrector
+hands over and commits it through the standby checkpointer. So `host` survives a crash of its
+own as the origin did: a fail back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ops.agentlab import BIN, AgentProcess
+from ops.lab import Lab
+from ops.wait import wait_until
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of `path` whose event is `name`."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict) and doc.get("event") == name:
+                    out.append(doc)
+    return out
+
+
+class StandbySide:
+    """A standby checkpointer, a resurrector and an adopting sink on one lab host."""
+
+    def __init__(self, lab: Lab, host: str, *, origin: str, store_url: str, keys: Path,
+                 port: int, workdir: Path, ttl_ms: int = 1000, think_ms: float = 0.0,
+                 takeover: str = "address") -> None:
+        """takeover "address": the resurrector adds the service addresses and announces them
+        (the lab must be in address mode: Lab.move_address); "route": it runs `tcpcp lab
+        switch HOST` (a new Python process: seconds on a loaded machine)."""
+        self.lab, self.host, self.origin = lab, host, origin
+        self.takeover = takeover
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.holder = f"checkpointer@{origin}@{host}"
+        self.agent = AgentProcess(lab, host, store_url=store_url, keys=keys, guard=[port],
+                                  workdir=workdir, origin=origin, ttl_ms=ttl_ms, backend="bpf",
+                                  extra=["--standby", "--lease-holder", self.holder])
+        self.handover = self.agent.socket_path.parent / "handover.sock"
+        self.store_url, self.keys, self.think_ms = store_url, keys, think_ms
+        self.resurrector_log = workdir / "resurrector.log"
+        self.sink_log = workdir / "adopter.log"
+
+    def start(self) -> StandbySide:
+        self.agent.start(ready_event="checkpointer_standby")
+        switch = f"{sys.executable} -m ops.cli lab --prefix {self.lab.prefix} switch {self.host}"
+        how = ["--takeover", "address"] if self.takeover == "address" else \
+            ["--takeover-cmd", switch]
+        env = dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="300",
+                   TCPCP_GATE_PIN_ROOT=str(self.agent.pin_root))
+        with self.resurrector_log.open("wb") as out:
+            self.lab.popen(self.host, [
+                str(BIN / "resurrector"), "--url", self.store_url, "--keys", str(self.keys),
+                "--origin", self.origin, "--serve", self.lab.service(4),
+                "--serve", self.lab.service(6), "--claim-for", self.holder,
+                "--gate-backend", "bpf", *how, "--handover-socket",
+                str(self.handover), "--once", "--log-format", "json", "--poll-ms", "20"],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        wait_until(lambda: events(self.resurrector_log, "resurrector_watching"), 30,
+                   what=f"the resurrector on {self.host} watching")
+        with self.sink_log.open("wb") as out:
+            self.lab.popen(self.host, [
+                sys.executable, "-m", "ops.apps.sink", "--adopt", str(self.handover),
+                "--checkpointer", str(self.agent.socket_path), "--think-ms", str(self.think_ms)],
+                stdout=out, stderr=subprocess.STDOUT,
+                env=dict(os.environ, TCPCP_LOG_FORMAT="json"))
+        wait_until(lambda: events(self.sink_log, "adopting"), 30,
+                   what=f"the adopting sink on {self.host}")
+        return self
+
+    def timeline(self) -> list[dict[str, Any]]:
+        return events(self.resurrector_log, "failover_timeline")
+
+    def finished(self) -> list[dict[str, Any]]:
+        return events(self.sink_log, "finished")
+
+    def close(self) -> None:
+        self.agent.close()
