@@ -18,7 +18,9 @@ recorded):
              with its reason;
   resurrect  quarantine, take the traffic over, probe, plan, restore, activate
              (resurrector/resurrect.py);
-  hand over  each connection to the standby application (resurrector/handover.py);
+  hand over  each connection to the standby application (resurrector/handover.py), on the
+             socket routed to its local port (--handover-socket 8080=/run/files.sock; a bare
+             path takes the other ports; a connection with no socket is not restored);
 and a timeline line (ms since the expiry was seen: claimed, quarantined, traffic_moved, probed,
 restored, handed). The claimed lease is renewed from then on (until the standby's checkpointer
 takes the connections over), so no other resurrector claims it again.
@@ -36,6 +38,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +63,52 @@ ENV = "TCPCP_RESURRECTOR_"
 PURPOSE = ("tcpcp resurrector: on a standby host, watches the origins' leases; when one "
            "expires, fences the origin (epoch bump), takes over its traffic, restores every "
            "connection from its last checkpoint and hands them to the standby application.")
-_LISTS = {"origin", "serve", "allow_uid"}
+_LISTS = {"origin", "serve", "allow_uid", "handover_socket"}
+DEFAULT_HANDOVER = "/run/tcpcp/handover.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class HandoverRoutes:
+    """Which hand-over socket a connection goes to, by its local port. Pure."""
+
+    by_port: Mapping[int, Path]
+    default: Path | None
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> HandoverRoutes:
+        """From --handover-socket values ("PORT=PATH" or "PATH"); ValueError names the bad one."""
+        by_port: dict[int, Path] = {}
+        default: Path | None = None
+        for item in items or [DEFAULT_HANDOVER]:
+            port_text, sep, path_text = item.partition("=")
+            if not sep:
+                port_text, path_text = "", item
+            path = Path(path_text)
+            if not path.is_absolute():
+                raise ValueError(f"--handover-socket {item!r}: expected an absolute path")
+            if not port_text:
+                if default is not None:
+                    raise ValueError(f"--handover-socket {item!r}: expected one bare PATH at "
+                                     f"most, got {default} too")
+                default = path
+                continue
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise ValueError(f"--handover-socket {item!r}: expected PORT=PATH with a port "
+                                 "in 1..65535")
+            if int(port_text) in by_port:
+                raise ValueError(f"--handover-socket {item!r}: port {port_text} routed twice")
+            by_port[int(port_text)] = path
+        return cls(by_port, default)
+
+    def path_for(self, conn: str) -> Path | None:
+        """The socket for a connection named "LOCAL>PEER" (kernel.ici.Identity's form)."""
+        local = conn.partition(">")[0]
+        port = local.rpartition(":")[2]
+        return self.by_port.get(int(port), self.default) if port.isdigit() else self.default
+
+    @property
+    def paths(self) -> list[Path]:
+        return sorted({*self.by_port.values(), *([self.default] if self.default else [])})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,8 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--takeover-cmd", default=None, metavar="CMD",
                    help="operator hook moving the traffic (route switch, per-flow rules); "
                    "gets {origin, flows} as JSON on stdin, must exit 0")
-    p.add_argument("--handover-socket", type=Path, default=Path("/run/tcpcp/handover.sock"),
-                   help="unix socket the standby application adopts connections on")
+    p.add_argument("--handover-socket", action="append", default=None,
+                   metavar="[PORT=]PATH",
+                   help="unix socket the standby application adopts connections on; PORT=PATH "
+                   "hands the connections of that local port to their own application (repeat "
+                   "per application); a bare PATH takes every other port (default "
+                   f"{DEFAULT_HANDOVER}). A connection whose port has no socket is not "
+                   "restored")
     p.add_argument("--allow-uid", type=int, action="append", default=None,
                    help="uids allowed to adopt connections (SO_PEERCRED; default 0)")
     p.add_argument("--poll-ms", type=int, default=100, help="how often leases are read "
@@ -151,6 +204,10 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Nam
     if missing:
         parser.error(f"expected {', '.join('--' + m for m in missing)} (flag, "
                      f"{ENV}<NAME> or the TOML file), got none")
+    try:
+        args.handover = HandoverRoutes.parse(args.handover_socket or [])
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.gate_backend is None:
         args.gate_backend = "auto" if args.claim_for else "off"
     if (args.takeover or ("command" if args.takeover_cmd else "address")) == "command" \
@@ -191,7 +248,8 @@ def _expired(store: CheckpointStore, origin: str) -> int | None:
     return None
 
 
-def failover(args: argparse.Namespace, store: CheckpointStore, handover: HandoverServer,
+def failover(args: argparse.Namespace, store: CheckpointStore,
+             handovers: Mapping[Path, HandoverServer],
              holder: str, origin: str, seen: int, t0: float,
              gate: Gate | None = None) -> list[Any]:
     """One failover of origin (the expiry seen at t0, time.monotonic())."""
@@ -213,6 +271,12 @@ def failover(args: argparse.Namespace, store: CheckpointStore, handover: Handove
             flog.warning("record_refused", conn=read.conn, reason=str(read.error))
         else:
             checkpoints.append(read.checkpoint)
+    unrouted: list[Skipped] = []
+    for cp in [cp for cp in checkpoints if args.handover.path_for(cp.conn) is None]:
+        checkpoints.remove(cp)  # restored, it would have nowhere to go: leave it alone
+        unrouted.append(Skipped(cp.conn, "no hand-over socket serves its port (expected a "
+                                "--handover-socket PORT=PATH or a bare PATH)"))
+        flog.warning("connection_unrouted", conn=cp.conn, reason=unrouted[-1].reason)
     logged = {cp.conn for cp in checkpoints if store.output_bounds(origin, cp.conn) is not None}
     flows = [cp.conn for cp in checkpoints]
     if args.takeover_cmd and args.takeover != "address":
@@ -227,9 +291,11 @@ def failover(args: argparse.Namespace, store: CheckpointStore, handover: Handove
         probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark, gate=gate)
     for r in results:
         if isinstance(r, Resurrected):
-            handover.offer(Handed(r.conn, origin, epoch, r.resume_consumed, r.resume_produced,
-                                  r.plan.peer_ahead, "logged" if r.conn in logged
-                                  else "regenerable", r.checkpoint.app_state), r.sock)
+            path = args.handover.path_for(r.conn)
+            handovers[path].offer(Handed(
+                r.conn, origin, epoch, r.resume_consumed, r.resume_produced, r.plan.peer_ahead,
+                "logged" if r.conn in logged else "regenerable", r.checkpoint.app_state), r.sock)
+    results = [*results, *unrouted]
     mark("handed")
     if args.claim_for:
         renewer.hold_until = time.monotonic() + args.claim_hold_ms / 1000
@@ -249,9 +315,10 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         gate = open_gate(args.interface,
                          backend=None if args.gate_backend == "auto" else args.gate_backend,
                          pin_root=Path(os.environ.get("TCPCP_GATE_PIN_ROOT") or GATE_PIN_ROOT))
-    handover = HandoverServer(args.handover_socket, uids=args.allow_uid or [0]).start()
+    handovers = {path: HandoverServer(path, uids=args.allow_uid or [0]).start()
+                 for path in args.handover.paths}
     log.info("resurrector_watching", origins=args.origin, holder=holder,
-             handover=str(args.handover_socket),
+             handover=args.handover_socket or [DEFAULT_HANDOVER],
              gate=None if gate is None else gate.backend.value)
     done: set[str] = set()
     try:
@@ -268,7 +335,7 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
                     continue
                 log.info("lease_expired_seen", origin=origin, epoch=seen)
                 try:
-                    failover(args, store, handover, holder, origin, seen, time.monotonic(),
+                    failover(args, store, handovers, holder, origin, seen, time.monotonic(),
                              gate)
                 except (StoreError, TakeoverError) as exc:
                     log.error("failover_failed", origin=origin, error=str(exc))
@@ -279,7 +346,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
             stop.wait(args.poll_ms / 1000)
         return 0
     finally:
-        handover.close()
+        for server in handovers.values():
+            server.close()
         if gate is not None:
             gate.leave()  # the restored flows stay gated at their commits, pinned
         store.close()
