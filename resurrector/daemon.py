@@ -38,7 +38,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import structlog
 
 from kernel.gate import GATE_PIN_ROOT
 from kernel.gatebackend import Gate, open_gate
-from kernel.sanity import RestorePolicy
+from kernel.sanity import Ecn, RestorePolicy
 from resurrector.handover import Handed, HandoverServer
 from resurrector.planner import Output
 from resurrector.resurrect import Resurrected, Skipped, resurrect
@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "takes over; pinned under TCPCP_GATE_PIN_ROOT or /sys/fs/bpf/tcpcp). "
                    "Default: auto with --claim-for, else off (with nobody to commit, a gated "
                    "connection would stall)")
+    p.add_argument("--ecn", choices=("refuse", "downgrade"), default="refuse",
+                   help="a connection that negotiated ECN, where this kernel cannot restore ECN "
+                   "(every stock kernel; kernel/patches/0005 can): refuse it (the default: "
+                   "the peer would stop reacting to congestion marks) or restore it without "
+                   "ECN")
     p.add_argument("--interface", default="eth0", help="where the quarantine and the probes "
                    "go (default eth0)")
     p.add_argument("--serve", action="append", default=None, metavar="ADDRESS",
@@ -284,7 +289,8 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
     else:
         strategy = AddressTakeover(args.interface, args.serve)
     results = resurrect(
-        checkpoints, ifname=args.interface, policy=RestorePolicy.serving(*args.serve),
+        checkpoints, ifname=args.interface,
+        policy=replace(RestorePolicy.serving(*args.serve), ecn=Ecn(args.ecn)),
         take_over=lambda: strategy(origin, flows),
         outputs=lambda cp: Output.LOGGED if cp.conn in logged else Output.REGENERABLE,
         output_log=lambda cp, pos: store.read_output(origin, cp.conn, pos),

@@ -38,8 +38,10 @@ state. With h = at + len(head):
   up to first + length; the file must still have that size and mtime_ns (--root on storage the
   standby shares, or a copy of it), else it closes the connection;
 - PUT, stored false: truncate `partial` to `received` (bytes written after the commit are
-  re-sent by the peer, whose ACKs were held) and go on reading at body_at + received = consumed;
-  stored true: rename `partial` into place if it is still there, then answer as above.
+  re-sent by the peer, whose ACKs were held), write what the peer lacks of the 100 Continue,
+  and go on reading at body_at + received = consumed (the partial file must be on storage the
+  standby shares); stored true: rename `partial` into place if it is still there, then answer
+  as above.
 An idle connection's state is its last response's; P at its end means nothing is left to write.
 """
 
@@ -123,12 +125,18 @@ class FileConnection(ServerConnection):
         self.current = json.loads(a.state)
         self.received, self.produced = a.consumed, a.produced
         c = self.current
+        if c.get("method") == "PUT" and not c.get("stored"):
+            return self._resume_upload()
+        if c.get("method") == "PUT":  # stored: the partial file was renamed (or is still to be)
+            partial = self.server.root / c["partial"]
+            if partial.exists():
+                with _storing(f"rename the upload to {c['file']!r}"):
+                    os.replace(partial, self.server.root / c["file"])
+            head = c["head"].encode("latin-1")
+            if self.produced < c["at"] + len(head):
+                self.send(head[self.produced - c["at"]:])
+            return self._kept()
         if c.get("method") not in ("GET", "HEAD") or "file" not in c:
-            if c.get("method") == "PUT" and not c.get("stored"):
-                self.log.warning("resume_refused", reason="an upload in progress is not "
-                                 "resumed by this example server")
-                self.abort("cannot_resume")
-                return False
             return True  # between requests: read the next one
         head = c["head"].encode("latin-1")
         at, first, length = c["at"], c["first"], c["length"]
@@ -343,7 +351,13 @@ class FileConnection(ServerConnection):
         self.commit(self.used)
         if proceed:
             self.send(proceed)
-        received = 0
+        return self._body(f)
+
+    def _body(self, f: Any) -> bool | None:
+        """The rest of the upload self.current describes (from its `received` on) into f, each
+        piece committed, then the 201 committed; None if the connection ended first."""
+        c = self.current
+        name, length, received = c["file"], c["length"], c["received"]
         while received < length:
             if not self.buf:
                 data = self.recv()
@@ -364,14 +378,60 @@ class FileConnection(ServerConnection):
                     os.fsync(f.fileno())
             del self.buf[:len(piece)]
             received += len(piece)
-            self.current["received"] = received
+            c["received"] = received
             self.commit(self.used)
-        body = f"stored {request.target}: {length} bytes\n".encode()
+        body = f"stored {c['path']}: {length} bytes\n".encode()
         response = httpwire.simple_response(
-            201, body, close=close, headers=[("Location", request.target.split("?", 1)[0])])
-        self.current.update(at=self.produced, head=response.decode("latin-1"), stored=True)
+            201, body, close=c["close"], headers=[("Location", c["path"].split("?", 1)[0])])
+        c.update(at=self.produced, head=response.decode("latin-1"), stored=True)
         self.commit(self.used)
-        return not close
+        return not c["close"]
+
+    def _kept(self) -> bool:
+        """After a resumed response: go on reading requests, unless it closes the connection."""
+        if self.current.get("close"):
+            self.end("closed_after_response")
+            return False
+        return True
+
+    def _resume_upload(self) -> bool:
+        """Go on with an upload a resurrected connection was in: the partial file cut back to
+        what the checkpoint says was received (later bytes were never acknowledged: the peer
+        sends them again), the rest read from the socket, then stored and answered as on the
+        origin. False when it cannot go on (closed)."""
+        c = self.current
+        head = c["head"].encode("latin-1")
+        if self.produced < c["at"] + len(head):  # the peer lacks (part of) the 100 Continue
+            self.send(head[self.produced - c["at"]:])
+        path = self.server.root / c["partial"]
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            self.log.warning("resume_refused", reason=f"the partial upload is gone: {exc}",
+                             file=c["file"])
+            self.abort("partial_gone")
+            return False
+        stored = False
+        try:
+            with open(fd, "wb") as f:
+                f.truncate(c["received"])
+                f.seek(c["received"])
+                self.log.info("upload_resumed", file=c["file"], from_offset=c["received"],
+                              length=c["length"])
+                keep = self._body(f)
+            if keep is None:
+                return False
+            with _storing(f"rename the upload to {c['file']!r}"):
+                os.replace(path, self.server.root / c["file"])
+            stored = True
+            self.send(c["head"].encode("latin-1"))
+            return self._kept()
+        except HttpError as exc:
+            return self._refuse(None, exc)
+        finally:
+            if not stored:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -412,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adopt", metavar="HANDOVER_SOCKET",
                         help="instead of listening: the standby's side, go on with every "
                         "connection the resurrector hands over on this socket (responses "
-                        "regenerated from the committed state, then served unguarded)")
+                        "regenerated from the committed state, uploads in progress continued "
+                        "in their partial files; then served unguarded)")
     return parser
 
 
