@@ -48,13 +48,22 @@ def probe_packet(ici: Ici, tsval: int) -> bytes:
                       probe_seq(ici), ici.rcv_nxt, ACK, window, options, b"\0")
 
 
-def send_probe(ici: Ici, tsval: int) -> None:
+def send_probe(ici: Ici, tsval: int, raw: socket.socket | None = None) -> None:
     """Send the probe through a raw socket of the calling thread's network namespace (where
-    the service address now routes to: take the traffic over first)."""
+    the service address now routes to: take the traffic over first). raw: an open
+    raw_socket(family) to send through (one for thousands of probes), else one is opened."""
     af = _AF[ici.identity.family]
     dst = socket.inet_ntop(af, ici.identity.peer_addr)
-    with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+    if raw is not None:
         raw.sendto(probe_packet(ici, tsval), (dst, 0))
+        return
+    with raw_socket(ici.identity.family) as own:
+        own.sendto(probe_packet(ici, tsval), (dst, 0))
+
+
+def raw_socket(family: Family) -> socket.socket:
+    """A raw IP socket (IPPROTO_RAW: we write the IP header) of the calling thread's namespace."""
+    return socket.socket(_AF[family], socket.SOCK_RAW, socket.IPPROTO_RAW)
 
 
 def unreachable_message(ici: Ici) -> bytes:

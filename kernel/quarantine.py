@@ -6,10 +6,14 @@ before any socket exists for them, so the standby's kernel never answers them wi
         ...take over the traffic, probe the peer...
         seen = q.observed(flow)    # the peer's latest seq, ack, window, TSval, TSecr
         q.release(flow)            # segments reach the (restored) socket again
+
+Attached with no flow listed it lets everything through: a resurrector keeps one attached while
+it watches, so a failover does not wait for the program to load (about 100 ms).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -20,11 +24,13 @@ from kernel.bpf import layout
 from kernel.bpf.layout import Flow, flow_key
 from kernel.errors import KernelError
 from kernel.libbpf import BPF_NOEXIST, BpfMap, BpfObject
-from kernel.tcfilter import Direction, TcHook, TcTarget
+from kernel.tcfilter import Direction, TcFilterError, TcHook, TcTarget
 
 log = structlog.get_logger(component="tcpcp.kernel.quarantine")
 
 QUARANTINE_PRIORITY = 0xAC01
+PRIORITIES = 16
+"""Quarantines that may share one interface (each at its own priority)."""
 
 
 class QuarantineError(KernelError):
@@ -45,6 +51,11 @@ class Observation:
     packets: int
 
 
+@functools.cache
+def _empty_observation() -> bytes:  # computed once
+    return layout.to_bytes(layout.new("struct quarantine_obs"))
+
+
 class Quarantine:
     """The ingress quarantine on one interface, attached while the context is open."""
 
@@ -61,9 +72,20 @@ class Quarantine:
         try:
             self._obj = BpfObject(bpfbuild.object_bytes("quarantine"), "quarantine")
             self._flows = self._obj.map("quarantine_flows")
-            self._hook = TcHook(TcTarget(self.ifname, Direction.INGRESS, self._priority,
-                                         self.netns),
-                                self._obj.program_fd("quarantine_ingress"), "tcpcp_quarantine")
+            # several quarantines may share an interface (two resurrectors on one host): each
+            # passes what is not its own to the next (TC_ACT_UNSPEC), so take the first free
+            # priority from ours on
+            for priority in range(self._priority, self._priority + PRIORITIES):
+                try:
+                    self._hook = TcHook(TcTarget(self.ifname, Direction.INGRESS, priority,
+                                                 self.netns),
+                                        self._obj.program_fd("quarantine_ingress"),
+                                        "tcpcp_quarantine")
+                    break
+                except TcFilterError as exc:
+                    if "File exists" not in str(exc) or \
+                            priority == self._priority + PRIORITIES - 1:
+                        raise
         except BaseException:
             self.detach()
             raise
@@ -72,6 +94,11 @@ class Quarantine:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.detach()
+
+    @property
+    def priority(self) -> int | None:
+        """The tc priority it is attached at (None: not attached)."""
+        return None if self._hook is None else self._hook.target.priority
 
     def detach(self) -> None:
         """Remove the program; every quarantined flow is released."""
@@ -90,9 +117,8 @@ class Quarantine:
 
     def observe(self, flow: Flow) -> None:
         """Record and drop every segment of flow arriving from now on."""
-        empty = layout.to_bytes(layout.new("struct quarantine_obs"))
-        self._map().update(flow_key(flow), empty, BPF_NOEXIST)
-        self.log.info("quarantined", flow=str(flow))
+        self._map().update(flow_key(flow), _empty_observation(), BPF_NOEXIST)
+        self.log.debug("quarantined", flow=str(flow))  # debug: thousands at once
 
     def observed(self, flow: Flow) -> Observation | None:
         """The peer's latest segment of flow; None when none arrived yet."""
@@ -110,5 +136,5 @@ class Quarantine:
         """Stop quarantining flow; returns its last observation."""
         seen = self.observed(flow)
         self._map().delete(flow_key(flow))
-        self.log.info("released", flow=str(flow), packets=seen.packets if seen else 0)
+        self.log.debug("released", flow=str(flow), packets=seen.packets if seen else 0)
         return seen

@@ -32,7 +32,9 @@ ops/daemons.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import socket
 import threading
 import time
@@ -46,6 +48,7 @@ import structlog
 
 from kernel.gate import GATE_PIN_ROOT
 from kernel.gatebackend import Gate, open_gate
+from kernel.quarantine import Quarantine
 from kernel.sanity import Ecn, RestorePolicy
 from resurrector.handover import Handed, HandoverServer
 from resurrector.planner import Output
@@ -256,7 +259,7 @@ def _expired(store: CheckpointStore, origin: str) -> int | None:
 def failover(args: argparse.Namespace, store: CheckpointStore,
              handovers: Mapping[Path, HandoverServer],
              holder: str, origin: str, seen: int, t0: float,
-             gate: Gate | None = None) -> list[Any]:
+             gate: Gate | None = None, quarantine: Quarantine | None = None) -> list[Any]:
     """One failover of origin (the expiry seen at t0, time.monotonic())."""
     marks: dict[str, float] = {}
     flog = log.bind(origin=origin)
@@ -294,7 +297,8 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         take_over=lambda: strategy(origin, flows),
         outputs=lambda cp: Output.LOGGED if cp.conn in logged else Output.REGENERABLE,
         output_log=lambda cp, pos: store.read_output(origin, cp.conn, pos),
-        probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark, gate=gate)
+        probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark, gate=gate,
+        quarantine=quarantine)
     for r in results:
         if isinstance(r, Resurrected):
             path = args.handover.path_for(r.conn)
@@ -314,46 +318,59 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
 
 def run(args: argparse.Namespace, stop: threading.Event) -> int:
     holder = args.claim_for or args.name or f"resurrector@{socket.gethostname()}"
-    store = CheckpointStore.connect(config_from_args(args), load_keyring(args.keys))
-    gate = None
-    if args.gate_backend != "off":
-        # pinned where the standby checkpointer pins it: it takes these flows over as they are
-        gate = open_gate(args.interface,
-                         backend=None if args.gate_backend == "auto" else args.gate_backend,
-                         pin_root=Path(os.environ.get("TCPCP_GATE_PIN_ROOT") or GATE_PIN_ROOT))
-    handovers = {path: HandoverServer(path, uids=args.allow_uid or [0]).start()
-                 for path in args.handover.paths}
-    log.info("resurrector_watching", origins=args.origin, holder=holder,
-             handover=args.handover_socket or [DEFAULT_HANDOVER],
-             gate=None if gate is None else gate.backend.value)
-    done: set[str] = set()
-    try:
-        while not stop.is_set():
-            for origin in args.origin:
-                if origin in done:
-                    continue
-                try:
-                    seen = _expired(store, origin)
-                except StoreError as exc:
-                    log.warning("lease_unreadable", origin=origin, error=str(exc))
-                    continue
-                if seen is None:
-                    continue
-                log.info("lease_expired_seen", origin=origin, epoch=seen)
-                try:
-                    failover(args, store, handovers, holder, origin, seen, time.monotonic(),
-                             gate)
-                except (StoreError, TakeoverError) as exc:
-                    log.error("failover_failed", origin=origin, error=str(exc))
-                done.add(origin)
-                if args.once:
-                    stop.wait(float(os.environ.get("TCPCP_RESURRECTOR_LINGER_S", "30")))
-                    return 0
-            stop.wait(args.poll_ms / 1000)
-        return 0
-    finally:
+    # 10,000 restored connections are as many descriptors: take the hard limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with contextlib.ExitStack() as stack:
+        store = CheckpointStore.connect(config_from_args(args), load_keyring(args.keys))
+        stack.callback(store.close)
+        gate = None
+        if args.gate_backend != "off":
+            # pinned where the standby checkpointer pins it: it takes these flows over as
+            # they are; left attached on the way out (the flows stay gated at their commits)
+            gate = open_gate(args.interface,
+                             backend=None if args.gate_backend == "auto" else args.gate_backend,
+                             pin_root=Path(os.environ.get("TCPCP_GATE_PIN_ROOT")
+                                           or GATE_PIN_ROOT))
+            stack.callback(gate.leave)
+        # attached while watching, empty (every packet passes): a failover then only lists its
+        # flows instead of loading and attaching the program (about 100 ms)
+        quarantine = stack.enter_context(Quarantine(args.interface))
+        handovers = {path: HandoverServer(path, uids=args.allow_uid or [0]).start()
+                     for path in args.handover.paths}
         for server in handovers.values():
-            server.close()
-        if gate is not None:
-            gate.leave()  # the restored flows stay gated at their commits, pinned
-        store.close()
+            stack.callback(server.close)
+        log.info("resurrector_watching", origins=args.origin, holder=holder,
+                 handover=args.handover_socket or [DEFAULT_HANDOVER],
+                 gate=None if gate is None else gate.backend.value)
+        return _watch(args, stop, store, handovers, holder, gate, quarantine)
+
+
+def _watch(args: argparse.Namespace, stop: threading.Event, store: CheckpointStore,
+           handovers: Mapping[Path, HandoverServer], holder: str, gate: Gate | None,
+           quarantine: Quarantine) -> int:
+    done: set[str] = set()
+    while not stop.is_set():
+        for origin in args.origin:
+            if origin in done:
+                continue
+            try:
+                seen = _expired(store, origin)
+            except StoreError as exc:
+                log.warning("lease_unreadable", origin=origin, error=str(exc))
+                continue
+            if seen is None:
+                continue
+            log.info("lease_expired_seen", origin=origin, epoch=seen)
+            try:
+                failover(args, store, handovers, holder, origin, seen, time.monotonic(),
+                         gate, quarantine)
+            except (StoreError, TakeoverError) as exc:
+                log.error("failover_failed", origin=origin, error=str(exc))
+            done.add(origin)
+            if args.once:
+                stop.wait(float(os.environ.get("TCPCP_RESURRECTOR_LINGER_S", "30")))
+                return 0
+        stop.wait(args.poll_ms / 1000)
+    return 0

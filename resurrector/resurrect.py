@@ -29,6 +29,7 @@ mode, no FIN, no RST) and reported Skipped; the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -40,8 +41,8 @@ from kernel import codec, repair
 from kernel.bpf.layout import Flow
 from kernel.errors import KernelError
 from kernel.gatebackend import Gate
-from kernel.ici import Ici
-from kernel.probe import send_probe, wake_peer
+from kernel.ici import Family, Ici
+from kernel.probe import raw_socket, send_probe, wake_peer
 from kernel.quarantine import Observation, Quarantine
 from kernel.sanity import IciRejected, RestorePolicy, check
 from kernel.seq import seq_diff
@@ -99,8 +100,11 @@ def resurrect(checkpoints: Sequence[Checkpoint], *, ifname: str, policy: Restore
               take_over: Callable[[], object], outputs: Callable[[Checkpoint], Output],
               output_log: OutputLog | None = None, gate: Gate | None = None,
               netns: str | None = None, probe_timeout_s: float = 1.0, probes: int = 3,
-              timeline: Callable[[str], None] | None = None) -> list[Result]:
-    """Restore the connections of `checkpoints` here (see the module docstring)."""
+              timeline: Callable[[str], None] | None = None,
+              quarantine: Quarantine | None = None) -> list[Result]:
+    """Restore the connections of `checkpoints` here (see the module docstring). quarantine:
+    one already attached to ifname (a watching resurrector keeps one: loading it costs about
+    100 ms of the failover); else one is attached for this call."""
     mark = timeline or (lambda _: None)
     results: list[Result] = []
     wanted: list[tuple[Checkpoint, Ici, Flow]] = []
@@ -112,7 +116,8 @@ def resurrect(checkpoints: Sequence[Checkpoint], *, ifname: str, policy: Restore
             results.append(_skip(cp.conn, f"refused: {exc}"))
             continue
         wanted.append((cp, ici, flow_of(ici)))
-    with Quarantine(ifname, netns=netns) as q:
+    with contextlib.nullcontext(quarantine) if quarantine is not None else \
+            Quarantine(ifname, netns=netns) as q:
         for _, _, flow in wanted:
             q.observe(flow)
         mark("quarantined")
@@ -148,8 +153,16 @@ def _probe_all(q: Quarantine, wanted: list[tuple[Checkpoint, Ici, Flow]], timeou
             break
         before = {conn: _packets(q.observed(flow)) for conn, (_, flow) in pending.items()}
         now_ms = time.time_ns() // 1_000_000
-        for ici, _ in pending.values():
-            send_probe(ici, ici.timestamp.estimate(now_ms, TS_MARGIN_MS))
+        raws: dict[Family, socket.socket] = {}
+        try:
+            for ici, _ in pending.values():
+                family = ici.identity.family
+                if family not in raws:
+                    raws[family] = raw_socket(family)
+                send_probe(ici, ici.timestamp.estimate(now_ms, TS_MARGIN_MS), raws[family])
+        finally:
+            for raw in raws.values():
+                raw.close()
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
             for conn, (_, flow) in list(pending.items()):

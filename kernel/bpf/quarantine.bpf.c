@@ -21,12 +21,13 @@ int quarantine_ingress(struct __sk_buff *skb)
 	struct opt_walk *w;
 	struct quarantine_obs *obs;
 
+	/* not ours: the next filter decides (another quarantine, a gate), else the packet passes */
 	if (parse_tcp(skb, &p))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	flow_key_of(&p, 0, &key);
 	obs = bpf_map_lookup_elem(&quarantine_flows, &key);
 	if (!obs)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	w = walker();
 	if (w && load_tcp_header(skb, &p, w) == 0) {
 		walk_options(w);

@@ -133,3 +133,17 @@ def test_without_quarantine_the_standby_resets_the_connection(fresh_lab: Lab,
     _, _, _, segs, switched = _switch_mid_connection(fresh_lab, tmp_path / "r.pcap", None)
     resets = [s for s in segs if s.sport == PORT and s.flags & RST and s.at > switched]
     assert resets, "expected the standby's kernel to answer the unknown flow with RST"
+
+
+def test_two_quarantines_share_an_interface_each_passing_on_what_is_not_its_own(
+        fresh_lab: Lab, tmp_path: Path) -> None:
+    """Two resurrectors on one standby: the first quarantine (empty, attached first, so it runs
+    first) must leave the flow to the second, which drops and records it; had the first passed
+    the packet outright (TC_ACT_OK), the standby's kernel would answer the peer with a RST."""
+    ns = fresh_lab.netns("standby")
+    with Quarantine("eth0", netns=ns) as first, Quarantine("eth0", netns=ns) as second:
+        assert first.priority < second.priority
+        _, seen, _, segs, switched = _switch_mid_connection(fresh_lab, tmp_path / "q2.pcap",
+                                                            second)
+    assert [s for s in segs if s.sport == PORT and s.at > switched] == []
+    assert seen is not None and seen.packets >= 2
