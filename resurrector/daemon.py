@@ -42,7 +42,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "resurrector holds a claimed origin with (default 3000)")
     p.add_argument("--probe-timeout-ms", type=int, default=300,
                    help="wait for a peer's answer this long per probe, 3 probes (default 300)")
+    p.add_argument("--metrics-address", default="127.0.0.1:9478", metavar="HOST:PORT",
+                   help='Prometheus endpoint (GET /metrics): failovers, connections resurrected '
+                   'and skipped by reason, the last failover\'s timeline; "" disables it '
+                   "(default 127.0.0.1:9478)")
     p.add_argument("--once", action="store_true",
                    help="exit after the first failover (tests, runbooks)")
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
@@ -216,12 +220,46 @@ def load(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argparse.Nam
         args.handover = HandoverRoutes.parse(args.handover_socket or [])
     except ValueError as exc:
         parser.error(str(exc))
+    args.metrics = None
+    if args.metrics_address:
+        host, _, port = args.metrics_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--metrics-address {args.metrics_address!r}: expected HOST:PORT "
+                         'or "" (disabled)')
+        args.metrics = (host.strip("[]"), int(port))
     if args.gate_backend is None:
         args.gate_backend = "auto" if args.claim_for else "off"
     if (args.takeover or ("command" if args.takeover_cmd else "address")) == "command" \
             and not args.takeover_cmd:
         parser.error("--takeover command: expected --takeover-cmd CMD, got none")
     return args
+
+
+class Observer(Protocol):
+    """Who hears about failovers (metrics: the CLI wiring in ops/daemons.py gives one)."""
+
+    def lease_expired(self, origin: str) -> None: ...
+
+    def failover(self, origin: str, outcome: str, timeline_ms: Mapping[str, float],
+                 resurrected: int, skipped: Sequence[tuple[str, str]]) -> None: ...
+
+
+class _Unobserved:
+    def lease_expired(self, origin: str) -> None:
+        pass
+
+    def failover(self, origin: str, outcome: str, timeline_ms: Mapping[str, float],
+                 resurrected: int, skipped: Sequence[tuple[str, str]]) -> None:
+        pass
+
+
+def skip_kind(reason: str) -> str:
+    """A skipped connection's reason as a metric label (the log line keeps the whole text)."""
+    for prefix, kind in (("refused", "refused"), ("no answer", "no_answer"),
+                         ("no hand-over socket", "unrouted")):
+        if reason.startswith(prefix):
+            return kind
+    return "restore_failed"
 
 
 class Renewer:
@@ -259,7 +297,8 @@ def _expired(store: CheckpointStore, origin: str) -> int | None:
 def failover(args: argparse.Namespace, store: CheckpointStore,
              handovers: Mapping[Path, HandoverServer],
              holder: str, origin: str, seen: int, t0: float,
-             gate: Gate | None = None, quarantine: Quarantine | None = None) -> list[Any]:
+             gate: Gate | None = None, quarantine: Quarantine | None = None,
+             observer: Observer | None = None) -> list[Any]:
     """One failover of origin (the expiry seen at t0, time.monotonic())."""
     marks: dict[str, float] = {}
     flog = log.bind(origin=origin)
@@ -270,6 +309,7 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         epoch = store.claim(origin, holder, seen, args.claim_ttl_ms)
     except (ClaimLost, LeaseHeld) as exc:
         flog.info("standing_down", reason=str(exc))
+        (observer or _Unobserved()).failover(origin, "stood_down", {}, 0, ())
         return []
     mark("claimed")
     renewer = Renewer(store, origin, holder, epoch, args.claim_ttl_ms)
@@ -310,13 +350,15 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
     if args.claim_for:
         renewer.hold_until = time.monotonic() + args.claim_hold_ms / 1000
     done = sum(isinstance(r, Resurrected) for r in results)
-    flog.info("failover_timeline", epoch=epoch, resurrected=done,
-              skipped=[(r.conn, r.reason) for r in results if isinstance(r, Skipped)],
+    skipped = [(r.conn, r.reason) for r in results if isinstance(r, Skipped)]
+    flog.info("failover_timeline", epoch=epoch, resurrected=done, skipped=skipped,
               **{f"{k}_ms": v for k, v in marks.items()})
+    (observer or _Unobserved()).failover(origin, "taken_over", marks, done, skipped)
     return results
 
 
-def run(args: argparse.Namespace, stop: threading.Event) -> int:
+def run(args: argparse.Namespace, stop: threading.Event,
+        observer: Observer | None = None) -> int:
     holder = args.claim_for or args.name or f"resurrector@{socket.gethostname()}"
     # 10,000 restored connections are as many descriptors: take the hard limit
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -344,12 +386,13 @@ def run(args: argparse.Namespace, stop: threading.Event) -> int:
         log.info("resurrector_watching", origins=args.origin, holder=holder,
                  handover=args.handover_socket or [DEFAULT_HANDOVER],
                  gate=None if gate is None else gate.backend.value)
-        return _watch(args, stop, store, handovers, holder, gate, quarantine)
+        return _watch(args, stop, store, handovers, holder, gate, quarantine,
+                      observer or _Unobserved())
 
 
 def _watch(args: argparse.Namespace, stop: threading.Event, store: CheckpointStore,
            handovers: Mapping[Path, HandoverServer], holder: str, gate: Gate | None,
-           quarantine: Quarantine) -> int:
+           quarantine: Quarantine, observer: Observer) -> int:
     done: set[str] = set()
     while not stop.is_set():
         for origin in args.origin:
@@ -362,12 +405,15 @@ def _watch(args: argparse.Namespace, stop: threading.Event, store: CheckpointSto
                 continue
             if seen is None:
                 continue
+            t0 = time.monotonic()
             log.info("lease_expired_seen", origin=origin, epoch=seen)
+            observer.lease_expired(origin)
             try:
-                failover(args, store, handovers, holder, origin, seen, time.monotonic(),
-                         gate, quarantine)
+                failover(args, store, handovers, holder, origin, seen, t0, gate, quarantine,
+                         observer)
             except (StoreError, TakeoverError) as exc:
                 log.error("failover_failed", origin=origin, error=str(exc))
+                observer.failover(origin, "failed", {}, 0, ())
             done.add(origin)
             if args.once:
                 stop.wait(float(os.environ.get("TCPCP_RESURRECTOR_LINGER_S", "30")))

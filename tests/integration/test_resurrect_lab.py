@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -155,14 +156,15 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
         switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
         # two resurrectors race for the origin (two holders on the standby host): exactly one
         # may claim it and restore; the other must stand down
-        for name in ("r1", "r2"):
+        for n, name in enumerate(("r1", "r2")):
             sock = handover.parent / f"{name}.sock"
             with (tmp_path / f"{name}.log").open("wb") as out:
                 lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
                                       str(keys), "--origin", origin, "--serve", lab.service(4),
                                       "--name", name, "--takeover-cmd", switch,
                                       "--handover-socket", str(sock), "--once",
-                                      "--log-format", "json", "--poll-ms", "20"],
+                                      "--log-format", "json", "--poll-ms", "20",
+                                      "--metrics-address", f"127.0.0.1:{9481 + n}"],
                           stdout=out, stderr=subprocess.STDOUT,
                           env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
             wait_until(lambda n=name: "resurrector_watching" in  # type: ignore[misc]
@@ -197,6 +199,8 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
         winner = next(n for n in ("r1", "r2")
                       if _events(tmp_path / f"{n}.log", "failover_timeline"))
         loser = "r2" if winner == "r1" else "r1"
+        scraped = {name: lab.call("standby", _scrape, 9481 + n)
+                   for n, name in enumerate(("r1", "r2"))}
     finally:
         if cap is not None:
             cap.stop()
@@ -217,8 +221,31 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
     assert len(timeline) == 1 and timeline[0]["resurrected"] == 1
     for step in ("claimed", "quarantined", "traffic_moved", "probed", "restored", "handed"):
         assert f"{step}_ms" in timeline[0], timeline[0]
+        # the same timeline in the winner's metrics, in seconds
+        assert scraped[winner][f'tcpcp_resurrector_last_failover_step_seconds{{origin="{origin}"'
+                               f',step="{step}"}}'] == pytest.approx(
+            timeline[0][f"{step}_ms"] / 1000)
+    won = f'{{origin="{origin}",outcome="taken_over"}}'
+    assert scraped[winner][f"tcpcp_resurrector_failovers_total{won}"] == 1
+    assert scraped[winner][f'tcpcp_resurrector_connections_total{{origin="{origin}",'
+                           'outcome="resurrected"}'] == 1
+    assert f"tcpcp_resurrector_failovers_total{won}" not in scraped[loser]
+    assert scraped[loser].get(f'tcpcp_resurrector_failovers_total{{origin="{origin}",'
+                              'outcome="stood_down"}', 0) == len(lost)
     assert [s for s in cap.segments() if s.flags & RST] == []
     assert G.nstat(lab.run, "peer", "TcpExtPAWSEstab") == paws_before
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """A daemon's Prometheus samples ("name{labels}" -> value), from inside its host."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def _events(path: Path, name: str) -> list[dict[str, Any]]:
