@@ -6,6 +6,7 @@ restored, each with its application state and stream positions (resurrector/hand
         ...resume the application's work on conn.sock...
 
     async for conn in adopt_async(path): ...             # the same, for asyncio
+    for conn in inherited(): ...                          # started by `resurrector --exec`
 
 consumed: the inbound position the socket reads on from; produced: the outbound position of
 the next byte it writes (a regenerable application writes its content from there); skip: what
@@ -31,6 +32,7 @@ from resurrector.handover import (
     decode_header,
     parse_header,
 )
+from resurrector.listenfds import FIRST_FD, FRAMES_ENV
 
 DEFAULT_HANDOVER = Path("/run/tcpcp/handover.sock")
 
@@ -92,6 +94,55 @@ def adopt(path: str | Path = DEFAULT_HANDOVER) -> Iterator[Adopted]:
         s.connect(str(path))
         while (got := receive(s)) is not None:
             yield got
+
+
+def inherited(environ: dict[str, str] | None = None) -> list[Adopted]:
+    """The connections a resurrector started this process with (`resurrector --exec`, the
+    systemd LISTEN_FDS convention: resurrector/listenfds.py); [] when it was not. The
+    variables are removed, as sd_listen_fds(1) does, so a child does not take them for its own.
+    HandoverError names what was expected when they do not fit."""
+    env = os.environ if environ is None else environ
+    if "LISTEN_FDS" not in env:
+        return []
+    try:
+        pid, count = int(env["LISTEN_PID"]), int(env["LISTEN_FDS"])
+        frames_fd = int(env[FRAMES_ENV])
+    except (KeyError, ValueError) as exc:
+        raise HandoverError(f"expected LISTEN_PID, LISTEN_FDS and {FRAMES_ENV} as integers, "
+                            f"got {exc}") from None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", FRAMES_ENV):
+        env.pop(name, None)
+    if pid != os.getpid():
+        raise HandoverError(f"expected LISTEN_PID {os.getpid()} (this process), got {pid}")
+    if not 0 <= count <= 1 << 20 or frames_fd != FIRST_FD + count:
+        raise HandoverError(f"expected {FRAMES_ENV} = {FIRST_FD} + LISTEN_FDS, got "
+                            f"{frames_fd} with LISTEN_FDS {count}")
+    out: list[Adopted] = []
+    with open(frames_fd, "rb", closefd=True) as frames:
+        for i in range(count):
+            fd = FIRST_FD + i
+            sock = socket.socket(fileno=fd)
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                       socket.AF_INET6):
+                sock.detach()
+                raise HandoverError(f"expected a TCP socket on descriptor {fd}, got "
+                                    f"{sock.family.name} {sock.type.name}")
+            head = frames.read(HEAD.size)
+            if len(head) != HEAD.size:
+                raise HandoverError(f"expected {count} hand-over frames on {FRAMES_ENV}, "
+                                    f"got {i}")
+            raw = frames.read(decode_header(head))
+            size = frames.read(LEN.size)
+            if len(size) != LEN.size:
+                raise HandoverError(f"expected {count} whole hand-over frames on "
+                                    f"{FRAMES_ENV}, frame {i} is cut short")
+            (n,) = LEN.unpack(size)
+            if n > MAX_STATE:
+                raise HandoverError(f"expected a state of at most {MAX_STATE} bytes, got {n}")
+            handed = parse_header(raw, frames.read(n))
+            out.append(Adopted(sock, handed.conn, handed.origin, handed.epoch, handed.consumed,
+                               handed.produced, handed.skip, handed.contract, handed.state))
+    return out
 
 
 async def adopt_async(path: str | Path = DEFAULT_HANDOVER) -> AsyncIterator[Adopted]:

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import os
 import resource
+import shlex
 import socket
 import threading
 import time
@@ -51,6 +52,7 @@ from kernel.gatebackend import Gate, open_gate
 from kernel.quarantine import Quarantine
 from kernel.sanity import Ecn, RestorePolicy
 from resurrector.handover import Handed, HandoverServer
+from resurrector.listenfds import spawn
 from resurrector.planner import Output
 from resurrector.resurrect import Resurrected, Skipped, resurrect
 from resurrector.takeover import AddressTakeover, CommandTakeover, TakeoverError
@@ -160,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "per application); a bare PATH takes every other port (default "
                    f"{DEFAULT_HANDOVER}). A connection whose port has no socket is not "
                    "restored")
+    p.add_argument("--exec", default=None, metavar="CMD",
+                   help="instead of the hand-over sockets: start CMD after each failover with "
+                   "the resurrected connections as inherited descriptors (the systemd "
+                   "LISTEN_FDS convention; positions and states on TCPCP_HANDOVER_FD; "
+                   "resurrector.adopt.inherited() reads them)")
     p.add_argument("--allow-uid", type=int, action="append", default=None,
                    help="uids allowed to adopt connections (SO_PEERCRED; default 0)")
     p.add_argument("--poll-ms", type=int, default=100, help="how often leases are read "
@@ -320,7 +327,8 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         else:
             checkpoints.append(read.checkpoint)
     unrouted: list[Skipped] = []
-    for cp in [cp for cp in checkpoints if args.handover.path_for(cp.conn) is None]:
+    for cp in [cp for cp in checkpoints
+               if not args.exec and args.handover.path_for(cp.conn) is None]:
         checkpoints.remove(cp)  # restored, it would have nowhere to go: leave it alone
         unrouted.append(Skipped(cp.conn, "no hand-over socket serves its port (expected a "
                                 "--handover-socket PORT=PATH or a bare PATH)"))
@@ -339,12 +347,19 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         output_log=lambda cp, pos: store.read_output(origin, cp.conn, pos),
         probe_timeout_s=args.probe_timeout_ms / 1000, timeline=mark, gate=gate,
         quarantine=quarantine)
-    for r in results:
-        if isinstance(r, Resurrected):
-            path = args.handover.path_for(r.conn)
-            handovers[path].offer(Handed(
-                r.conn, origin, epoch, r.resume_consumed, r.resume_produced, r.plan.peer_ahead,
-                "logged" if r.conn in logged else "regenerable", r.checkpoint.app_state), r.sock)
+    handed = [(Handed(r.conn, origin, epoch, r.resume_consumed, r.resume_produced,
+                      r.plan.peer_ahead, "logged" if r.conn in logged else "regenerable",
+                      r.checkpoint.app_state), r.sock)
+              for r in results if isinstance(r, Resurrected)]
+    if args.exec:
+        child = spawn(shlex.split(args.exec), handed)
+        flog.info("application_started", pid=child.pid, command=args.exec,
+                  connections=len(handed))
+        for _, sock in handed:
+            sock.close()  # the application's now
+    else:
+        for h, sock in handed:
+            handovers[args.handover.path_for(h.conn)].offer(h, sock)
     results = [*results, *unrouted]
     mark("handed")
     if args.claim_for:

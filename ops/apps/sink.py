@@ -28,7 +28,7 @@ import structlog
 from checkpointer.api import ApiError, ErrorCode
 from checkpointer.client import Checkpointer, Guarded
 from ops import logs
-from resurrector.adopt import adopt
+from resurrector.adopt import adopt, inherited
 
 log = structlog.get_logger(component="tcpcp.ops.apps.sink")
 
@@ -106,10 +106,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--adopt", metavar="HANDOVER_SOCKET",
                    help="instead: the standby's side, finish every connection the resurrector "
                    "hands over on this socket")
+    p.add_argument("--adopt-inherited", action="store_true",
+                   help="instead: finish the connections this process was started with by "
+                   "`resurrector --exec` (LISTEN_FDS), then exit")
     p.add_argument("--chunk", type=int, default=65536, help="bytes read at most per commit")
     p.add_argument("--think-ms", type=float, default=0.0, help="work after each commit")
     args = p.parse_args(argv)
     logs.configure()  # TCPCP_LOG_FORMAT / TCPCP_LOG_LEVEL
+    if args.adopt_inherited:
+        adopted_now = inherited()
+        log.info("adopting_inherited", connections=len(adopted_now))
+        threads = [threading.Thread(target=_finish_logged, args=(
+            a.sock, a.conn, a.consumed, None, args.chunk, args.think_ms / 1000))
+            for a in adopted_now]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return 0
     if args.adopt:
         log.info("adopting", handover=args.adopt, checkpointer=args.checkpointer)
         standby = None
