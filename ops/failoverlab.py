@@ -6,6 +6,9 @@
     side.timeline()                       # its failover_timeline line
     side.finished()                       # the adopting sink's "finished" lines
 
+    ResurrectorProcess(lab, "standby", store_url=..., keys=..., origin="web1",
+                       log=tmp_path / "resurrector.log", extra=[...]).start()  # one alone
+
 On `host`: a standby checkpointer for `origin` (--standby, its own lease holder and bpffs), a
 resurrector that claims the origin for that holder, gates what it restores (the gate the
 checkpointer takes over) and moves the service to `host` (its addresses, announced; or the
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,45 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
                 if isinstance(doc, dict) and doc.get("event") == name:
                     out.append(doc)
     return out
+
+
+class ResurrectorProcess:
+    """One `resurrector` daemon in a lab host, started with --once (it lingers `linger_s` after
+    its failover, so its hand-over sockets stay up), JSON logs in `log`, the lease polled
+    every 20 ms and no metrics endpoint unless `extra` asks for one."""
+
+    def __init__(self, lab: Lab, host: str, *, store_url: str, keys: Path, origin: str,
+                 log: Path, serve: Sequence[str] | None = None, extra: Sequence[str] = (),
+                 linger_s: float = 120.0, env: Mapping[str, str] | None = None) -> None:
+        self.lab, self.host, self.log = lab, host, log
+        self.argv = [str(BIN / "resurrector"), "--url", store_url, "--keys", str(keys),
+                     "--origin", origin, "--once", "--log-format", "json", "--poll-ms", "20"]
+        for address in serve if serve is not None else (lab.service(4), lab.service(6)):
+            self.argv += ["--serve", address]
+        if "--metrics-address" not in extra:
+            self.argv += ["--metrics-address", ""]
+        self.argv += list(extra)
+        self.env = dict(os.environ, TCPCP_RESURRECTOR_LINGER_S=str(linger_s),
+                        TCPCP_LOG_FORMAT="json", **(env or {}))
+
+    def start(self, timeout: float = 60.0) -> ResurrectorProcess:
+        with self.log.open("wb") as out:
+            self.lab.popen(self.host, self.argv, stdout=out, stderr=subprocess.STDOUT,
+                           env=self.env)
+        wait_until(lambda: events(self.log, "resurrector_watching"), timeout,
+                   what=f"the resurrector on {self.host} watching")
+        return self
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return events(self.log, name)
+
+    def timeline(self) -> list[dict[str, Any]]:
+        return events(self.log, "failover_timeline")
+
+
+def switch_command(lab: Lab, host: str) -> str:
+    """The lab's operator hook moving the service's route to `host` (--takeover-cmd)."""
+    return f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch {host}"
 
 
 class StandbySide:
@@ -65,21 +108,14 @@ class StandbySide:
 
     def start(self) -> StandbySide:
         self.agent.start(ready_event="checkpointer_standby")
-        switch = f"{sys.executable} -m ops.cli lab --prefix {self.lab.prefix} switch {self.host}"
         how = ["--takeover", "address"] if self.takeover == "address" else \
-            ["--takeover-cmd", switch]
-        env = dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="300",
-                   TCPCP_GATE_PIN_ROOT=str(self.agent.pin_root))
-        with self.resurrector_log.open("wb") as out:
-            self.lab.popen(self.host, [
-                str(BIN / "resurrector"), "--url", self.store_url, "--keys", str(self.keys),
-                "--origin", self.origin, "--serve", self.lab.service(4),
-                "--serve", self.lab.service(6), "--claim-for", self.holder,
-                "--gate-backend", "bpf", *how, "--handover-socket",
-                str(self.handover), "--once", "--log-format", "json", "--poll-ms", "20"],
-                stdout=out, stderr=subprocess.STDOUT, env=env)
-        wait_until(lambda: events(self.resurrector_log, "resurrector_watching"), 30,
-                   what=f"the resurrector on {self.host} watching")
+            ["--takeover-cmd", switch_command(self.lab, self.host)]
+        ResurrectorProcess(
+            self.lab, self.host, store_url=self.store_url, keys=self.keys, origin=self.origin,
+            log=self.resurrector_log, linger_s=300,
+            env={"TCPCP_GATE_PIN_ROOT": str(self.agent.pin_root)},
+            extra=["--claim-for", self.holder, "--gate-backend", "bpf", *how,
+                   "--handover-socket", str(self.handover)]).start()
         with self.sink_log.open("wb") as out:
             self.lab.popen(self.host, [
                 sys.executable, "-m", "ops.apps.sink", "--adopt", str(self.handover),

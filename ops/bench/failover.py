@@ -64,11 +64,11 @@ from typing import Any
 import structlog
 
 from checkpointer.client import Checkpointer
-from ops.agentlab import BIN, AgentProcess, write_keys
+from ops.agentlab import AgentProcess, write_keys
 from ops.apps.demo_server import raise_fd_limit
 from ops.bench.commit import Peers, _guard_all
 from ops.capture import Capture
-from ops.failoverlab import events
+from ops.failoverlab import ResurrectorProcess, events
 from ops.lab import Lab
 from ops.redislab import RedisServer
 from ops.wait import wait_until
@@ -195,15 +195,11 @@ class Sides:
         lab = self.lab
         lab.move_address("origin")
         self.agent.start()
-        with self.resurrector_log.open("wb") as out:
-            lab.popen("standby", [
-                str(BIN / "resurrector"), "--url", self.redis.url, "--keys", str(self.keys),
-                "--origin", self.origin, "--serve", lab.service(4), "--handover-socket",
-                str(self.handover), "--once", "--log-format", "json",
-                "--poll-ms", str(self.s.poll_ms)], stdout=out, stderr=subprocess.STDOUT,
-                env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="600"))
-        wait_until(lambda: events(self.resurrector_log, "resurrector_watching"), 60,
-                   what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=self.redis.url, keys=self.keys,
+                           origin=self.origin, log=self.resurrector_log,
+                           serve=[lab.service(4)], linger_s=600, extra=[
+                               "--handover-socket", str(self.handover),
+                               "--poll-ms", str(self.s.poll_ms)]).start()
         return self
 
     def store(self) -> CheckpointStore:

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from ops import gatelab as G
-from ops.agentlab import BIN, AgentProcess, write_keys
+from ops.agentlab import AgentProcess, write_keys
 from ops.capture import Capture
-from ops.failoverlab import events
+from ops.failoverlab import ResurrectorProcess, events
 from ops.lab import Lab
 from ops.redislab import RedisServer
 from ops.wait import wait_until
@@ -85,18 +85,11 @@ def test_an_upload_a_download_and_an_incr_session_survive_one_crash(
     try:
         lab.move_address("origin")  # the resurrector takes the address over (and announces it)
         agent.start()
-        with logs["resurrector"].open("wb") as out:
-            lab.popen("standby", [
-                str(BIN / "resurrector"), "--url", redis.url, "--keys", str(keys), "--origin",
-                origin, "--serve", lab.service(4), "--serve", lab.service(6),
-                "--handover-socket", f"{FILES}={sockets / 'files.sock'}",
-                "--handover-socket", f"{KV}={sockets / 'kv.sock'}", "--once",
-                *(["--ecn", "downgrade"] if variant == "ecn" else []),
-                "--log-format", "json", "--poll-ms", "20"],
-                stdout=out, stderr=subprocess.STDOUT,
-                env=dict(env, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: events(logs["resurrector"], "resurrector_watching"), 30,
-                   what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=logs["resurrector"], extra=[
+                               "--handover-socket", f"{FILES}={sockets / 'files.sock'}",
+                               "--handover-socket", f"{KV}={sockets / 'kv.sock'}",
+                               *(["--ecn", "downgrade"] if variant == "ecn" else [])]).start()
         for app, name, extra in (("fileserver", "standby-files", ["--root", str(root)]),
                                  ("kvserver", "standby-kv", [])):
             sock = sockets / ("files.sock" if app == "fileserver" else "kv.sock")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ops import gatelab as G
-from ops.agentlab import BIN, AgentProcess, write_keys
+from ops.agentlab import AgentProcess, write_keys
 from ops.capture import Capture
-from ops.failoverlab import events
+from ops.failoverlab import ResurrectorProcess, events
 from ops.lab import Lab
 from ops.redislab import RedisServer
 from ops.wait import wait_until
@@ -102,16 +102,10 @@ def test_a_resurrector_starting_the_application_hands_it_the_crashed_upload(
     try:
         lab.move_address("origin")
         agent.start()
-        with resurrector_log.open("wb") as out:
-            lab.popen("standby", [
-                str(BIN / "resurrector"), "--url", redis.url, "--keys", str(keys), "--origin",
-                origin, "--serve", lab.service(4), "--once", "--log-format", "json",
-                "--poll-ms", "20", "--metrics-address", "",
-                "--exec", f"{sys.executable} -m ops.apps.sink --adopt-inherited"],
-                stdout=out, stderr=subprocess.STDOUT,
-                env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120", TCPCP_LOG_FORMAT="json"))
-        wait_until(lambda: events(resurrector_log, "resurrector_watching"), 30,
-                   what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=resurrector_log, serve=[lab.service(4)], extra=[
+                               "--exec", f"{sys.executable} -m ops.apps.sink "
+                               "--adopt-inherited"]).start()
         sink_log = tmp_path / "sink.log"
         with sink_log.open("wb") as out:
             lab.popen("origin", [sys.executable, "-m", "ops.apps.sink", "--listen",

@@ -20,9 +20,10 @@ import pytest
 
 from kernel.sanity import RestorePolicy
 from ops import gatelab as G
-from ops.agentlab import BIN, AgentProcess, write_keys
+from ops.agentlab import AgentProcess, write_keys
 from ops.apps.sink import finish
 from ops.capture import Capture
+from ops.failoverlab import ResurrectorProcess, switch_command
 from ops.lab import Lab
 from ops.redislab import RedisServer
 from ops.wait import wait_until
@@ -153,22 +154,16 @@ def test_the_resurrector_daemon_takes_a_crashed_origin_over_and_hands_the_upload
     cap = None
     try:
         agent.start()
-        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
         # two resurrectors race for the origin (two holders on the standby host): exactly one
         # may claim it and restore; the other must stand down
         for n, name in enumerate(("r1", "r2")):
             sock = handover.parent / f"{name}.sock"
-            with (tmp_path / f"{name}.log").open("wb") as out:
-                lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                      str(keys), "--origin", origin, "--serve", lab.service(4),
-                                      "--name", name, "--takeover-cmd", switch,
-                                      "--handover-socket", str(sock), "--once",
-                                      "--log-format", "json", "--poll-ms", "20",
-                                      "--metrics-address", f"127.0.0.1:{9481 + n}"],
-                          stdout=out, stderr=subprocess.STDOUT,
-                          env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
-            wait_until(lambda n=name: "resurrector_watching" in  # type: ignore[misc]
-                       (tmp_path / f"{n}.log").read_text(), 30, what=f"resurrector {name}")
+            ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                               log=tmp_path / f"{name}.log", serve=[lab.service(4)],
+                               extra=["--name", name,
+                                      "--takeover-cmd", switch_command(lab, "standby"),
+                                      "--handover-socket", str(sock),
+                                      "--metrics-address", f"127.0.0.1:{9481 + n}"]).start()
             with (tmp_path / f"adopter-{name}.log").open("wb") as out:
                 lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
                                       str(sock)], stdout=out, stderr=subprocess.STDOUT,
@@ -299,16 +294,10 @@ def test_two_hundred_connections_crashed_at_once_are_all_resurrected(
     cap = None
     try:
         agent.start()
-        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
-        with (tmp_path / "resurrector.log").open("wb") as out:
-            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                  str(keys), "--origin", origin, "--serve", lab.service(4),
-                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
-                                  "--once", "--log-format", "json"],
-                      stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
-                   30, what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=tmp_path / "resurrector.log", serve=[lab.service(4)],
+                           extra=["--takeover-cmd", switch_command(lab, "standby"),
+                                  "--handover-socket", str(handover)]).start()
         with (tmp_path / "adopter.log").open("wb") as out:
             lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
                                   str(handover)], stdout=out, stderr=subprocess.STDOUT,
@@ -368,16 +357,10 @@ def test_a_zombie_origin_cut_from_the_store_is_silent_after_the_takeover(
     zombie_cap = peer_cap = None
     try:
         agent.start()
-        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
-        with (tmp_path / "resurrector.log").open("wb") as out:
-            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                  str(keys), "--origin", origin, "--serve", lab.service(4),
-                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
-                                  "--once", "--log-format", "json"],
-                      stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(os.environ, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
-                   30, what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=tmp_path / "resurrector.log", serve=[lab.service(4)],
+                           extra=["--takeover-cmd", switch_command(lab, "standby"),
+                                  "--handover-socket", str(handover)]).start()
         with (tmp_path / "adopter.log").open("wb") as out:
             lab.popen("standby", [sys.executable, "-m", "ops.apps.sink", "--adopt",
                                   str(handover)], stdout=out, stderr=subprocess.STDOUT,
@@ -463,16 +446,10 @@ def test_a_curl_download_crashed_mid_way_resumes_from_the_standby_where_the_peer
     env = dict(os.environ, TCPCP_LOG_FORMAT="json")
     try:
         agent.start()
-        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
-        with (tmp_path / "resurrector.log").open("wb") as out:
-            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                  str(keys), "--origin", origin, "--serve", lab.service(4),
-                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
-                                  "--once", "--log-format", "json"],
-                      stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(env, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
-                   30, what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=tmp_path / "resurrector.log", serve=[lab.service(4)],
+                           extra=["--takeover-cmd", switch_command(lab, "standby"),
+                                  "--handover-socket", str(handover)]).start()
         with (tmp_path / "standby-files.log").open("wb") as out:
             lab.popen("standby", [sys.executable, "-m", "ops.apps.fileserver", "--root",
                                   str(root), "--adopt", str(handover)],
@@ -534,16 +511,10 @@ def test_a_redis_cli_incr_session_crashed_between_request_and_reply_counts_exact
     env = dict(os.environ, TCPCP_LOG_FORMAT="json")
     try:
         agent.start()
-        switch = f"{sys.executable} -m ops.cli lab --prefix {lab.prefix} switch standby"
-        with (tmp_path / "resurrector.log").open("wb") as out:
-            lab.popen("standby", [str(BIN / "resurrector"), "--url", redis.url, "--keys",
-                                  str(keys), "--origin", origin, "--serve", lab.service(4),
-                                  "--takeover-cmd", switch, "--handover-socket", str(handover),
-                                  "--once", "--log-format", "json"],
-                      stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(env, TCPCP_RESURRECTOR_LINGER_S="120"))
-        wait_until(lambda: "resurrector_watching" in (tmp_path / "resurrector.log").read_text(),
-                   30, what="the resurrector watching")
+        ResurrectorProcess(lab, "standby", store_url=redis.url, keys=keys, origin=origin,
+                           log=tmp_path / "resurrector.log", serve=[lab.service(4)],
+                           extra=["--takeover-cmd", switch_command(lab, "standby"),
+                                  "--handover-socket", str(handover)]).start()
         with (tmp_path / "standby-kv.log").open("wb") as out:
             lab.popen("standby", [sys.executable, "-m", "ops.apps.kvserver", "--adopt",
                                   str(handover)], stdout=out, stderr=subprocess.STDOUT, env=env)
