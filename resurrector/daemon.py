@@ -321,7 +321,7 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
     mark("claimed")
     renewer = Renewer(store, origin, holder, epoch, args.claim_ttl_ms)
     checkpoints: list[Checkpoint] = []
-    for read in store.records(origin):
+    for read in store.records(origin, count=1000):
         if read.checkpoint is None:
             flog.warning("record_refused", conn=read.conn, reason=str(read.error))
         else:
@@ -333,7 +333,7 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         unrouted.append(Skipped(cp.conn, "no hand-over socket serves its port (expected a "
                                 "--handover-socket PORT=PATH or a bare PATH)"))
         flog.warning("connection_unrouted", conn=cp.conn, reason=unrouted[-1].reason)
-    logged = {cp.conn for cp in checkpoints if store.output_bounds(origin, cp.conn) is not None}
+    logged = store.logged_connections(origin)
     flows = [cp.conn for cp in checkpoints]
     if args.takeover_cmd and args.takeover != "address":
         strategy: Any = CommandTakeover(args.takeover_cmd)

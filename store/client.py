@@ -909,6 +909,17 @@ class CheckpointStore:
                     for k, v in client.hscan_iter(keys.versions, count=500)}
         return dict(sorted(self._call(f"list origin {origin!r}", run).items()))
 
+    def logged_connections(self, origin: str) -> set[str]:
+        """The connections of the origin that have an output log (logged output): one scan,
+        where output_bounds per connection is a round trip each."""
+        keys = keys_of(origin)
+
+        def run() -> set[str]:
+            client = self._router.for_keys(keys)
+            return {k.decode(errors="replace")
+                    for k, _ in client.hscan_iter(keys.output_positions, count=1000)}
+        return self._call(f"list the output logs of origin {origin!r}", run)
+
     def records(self, origin: str, count: int = 100) -> Iterator[ReadResult]:
         """Every stored record of the origin, each verified or refused with its reason."""
         keys = keys_of(origin)

@@ -325,3 +325,15 @@ def test_appends_are_durable_at_wait_1_and_refused_as_not_durable_without_the_re
                     store.append_many([OutputRange(ORIGIN, f"c{i}", epoch, 0, b"x")
                                        for i in range(5)])
                 assert store.trim_output(ORIGIN, CONN, epoch, 3) == 3  # trims never wait
+
+
+def test_logged_connections_are_listed_in_one_scan_and_leave_with_their_record(
+        store: CheckpointStore, epoch: int) -> None:
+    assert store.logged_connections(ORIGIN) == set()
+    for i in range(3):
+        store.append_output(ORIGIN, f"{CONN}-{i}", epoch, 0, b"x")
+    assert store.logged_connections(ORIGIN) == {f"{CONN}-{i}" for i in range(3)}
+    assert {c for c in store.logged_connections(ORIGIN)
+            if store.output_bounds(ORIGIN, c) is not None} == store.logged_connections(ORIGIN)
+    store.delete(ORIGIN, epoch, [f"{CONN}-1"])
+    assert store.logged_connections(ORIGIN) == {f"{CONN}-0", f"{CONN}-2"}
