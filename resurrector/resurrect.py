@@ -215,6 +215,8 @@ def _restore_one(q: Quarantine, cp: Checkpoint, ici: Ici, flow: Flow, answer: Ob
             repair.discard_restored(restored)
         q.release(flow)
         return _skip(cp.conn, str(exc))
-    log.info("connection_resurrected", conn=cp.conn, consumed=cp.inbound_consumed,
+    # debug: ten thousand of these cost about a second of JSON; the failover's timeline line
+    # counts them, and every skipped connection has its own warning
+    log.debug("connection_resurrected", conn=cp.conn, consumed=cp.inbound_consumed,
              produced=resume_produced, peer_holds=plan.peer_holds, unsent=len(plan.ici.unsent))
     return Resurrected(cp.conn, sock, cp, plan, cp.inbound_consumed, resume_produced)
