@@ -301,11 +301,17 @@ def _expired(store: CheckpointStore, origin: str) -> int | None:
     return None
 
 
+def _strategy(args: argparse.Namespace) -> AddressTakeover | CommandTakeover:
+    if args.takeover_cmd and args.takeover != "address":
+        return CommandTakeover(args.takeover_cmd)
+    return AddressTakeover(args.interface, args.serve)
+
+
 def failover(args: argparse.Namespace, store: CheckpointStore,
              handovers: Mapping[Path, HandoverServer],
              holder: str, origin: str, seen: int, t0: float,
              gate: Gate | None = None, quarantine: Quarantine | None = None,
-             observer: Observer | None = None) -> list[Any]:
+             observer: Observer | None = None, takeover: Any = None) -> list[Any]:
     """One failover of origin (the expiry seen at t0, time.monotonic())."""
     marks: dict[str, float] = {}
     flog = log.bind(origin=origin)
@@ -335,10 +341,7 @@ def failover(args: argparse.Namespace, store: CheckpointStore,
         flog.warning("connection_unrouted", conn=cp.conn, reason=unrouted[-1].reason)
     logged = store.logged_connections(origin)
     flows = [cp.conn for cp in checkpoints]
-    if args.takeover_cmd and args.takeover != "address":
-        strategy: Any = CommandTakeover(args.takeover_cmd)
-    else:
-        strategy = AddressTakeover(args.interface, args.serve)
+    strategy = takeover or _strategy(args)
     results = resurrect(
         checkpoints, ifname=args.interface,
         policy=replace(RestorePolicy.serving(*args.serve), ecn=Ecn(args.ecn)),
@@ -394,6 +397,9 @@ def run(args: argparse.Namespace, stop: threading.Event,
         # attached while watching, empty (every packet passes): a failover then only lists its
         # flows instead of loading and attaching the program (about 100 ms)
         quarantine = stack.enter_context(Quarantine(args.interface))
+        takeover = _strategy(args)
+        if isinstance(takeover, AddressTakeover):
+            stack.callback(takeover.open().close)
         handovers = {path: HandoverServer(path, uids=args.allow_uid or [0]).start()
                      for path in args.handover.paths}
         for server in handovers.values():
@@ -402,12 +408,13 @@ def run(args: argparse.Namespace, stop: threading.Event,
                  handover=args.handover_socket or [DEFAULT_HANDOVER],
                  gate=None if gate is None else gate.backend.value)
         return _watch(args, stop, store, handovers, holder, gate, quarantine,
-                      observer or _Unobserved())
+                      observer or _Unobserved(), takeover)
 
 
 def _watch(args: argparse.Namespace, stop: threading.Event, store: CheckpointStore,
            handovers: Mapping[Path, HandoverServer], holder: str, gate: Gate | None,
-           quarantine: Quarantine, observer: Observer) -> int:
+           quarantine: Quarantine, observer: Observer,
+           takeover: AddressTakeover | CommandTakeover) -> int:
     done: set[str] = set()
     while not stop.is_set():
         for origin in args.origin:
@@ -425,7 +432,7 @@ def _watch(args: argparse.Namespace, stop: threading.Event, store: CheckpointSto
             observer.lease_expired(origin)
             try:
                 failover(args, store, handovers, holder, origin, seen, t0, gate, quarantine,
-                         observer)
+                         observer, takeover)
             except (StoreError, TakeoverError) as exc:
                 log.error("failover_failed", origin=origin, error=str(exc))
                 observer.failover(origin, "failed", {}, 0, ())

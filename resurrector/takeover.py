@@ -33,29 +33,48 @@ class TakeoverError(RuntimeError):
 
 
 class AddressTakeover:
+    """Keeps its netlink socket open between failovers (opening one costs tens of ms, which a
+    failover would wait for): close() it when done."""
+
     def __init__(self, ifname: str, addresses: Sequence[str], prefixlen4: int = 32,
                  prefixlen6: int = 128) -> None:
         self.ifname = ifname
         self.addresses = [ipaddress.ip_address(a) for a in addresses]
         self.prefixlen4, self.prefixlen6 = prefixlen4, prefixlen6
+        self._ip: IPRoute | None = None
+
+    def _netlink(self) -> IPRoute:
+        if self._ip is None:
+            self._ip = IPRoute()
+        return self._ip
+
+    def open(self) -> AddressTakeover:
+        """Open the netlink socket now rather than at the first failover."""
+        self._netlink()
+        return self
+
+    def close(self) -> None:
+        if self._ip is not None:
+            self._ip.close()
+            self._ip = None
 
     def __call__(self, origin: str, flows: Sequence[str]) -> None:
-        with IPRoute() as ip:
-            found = ip.link_lookup(ifname=self.ifname)
-            if not found:
-                raise TakeoverError(f"expected interface {self.ifname} here, got none")
-            idx = found[0]
-            mac = ip.get_links(idx)[0].get_attr("IFLA_ADDRESS")
-            for a in self.addresses:
-                v6 = a.version == 6
-                try:
-                    ip.addr("add", index=idx, address=str(a),
-                            prefixlen=self.prefixlen6 if v6 else self.prefixlen4,
-                            family=socket.AF_INET6 if v6 else socket.AF_INET,
-                            **({"flags": 0x02} if v6 else {}))  # IFA_F_NODAD
-                except Exception as exc:  # pyroute2's NetlinkError: EEXIST is fine
-                    if getattr(exc, "code", None) != 17:
-                        raise TakeoverError(f"adding {a} to {self.ifname}: {exc}") from exc
+        ip = self._netlink()
+        found = ip.link_lookup(ifname=self.ifname)
+        if not found:
+            raise TakeoverError(f"expected interface {self.ifname} here, got none")
+        idx = found[0]
+        mac = ip.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        for a in self.addresses:
+            v6 = a.version == 6
+            try:
+                ip.addr("add", index=idx, address=str(a),
+                        prefixlen=self.prefixlen6 if v6 else self.prefixlen4,
+                        family=socket.AF_INET6 if v6 else socket.AF_INET,
+                        **({"flags": 0x02} if v6 else {}))  # IFA_F_NODAD
+            except Exception as exc:  # pyroute2's NetlinkError: EEXIST is fine
+                if getattr(exc, "code", None) != 17:
+                    raise TakeoverError(f"adding {a} to {self.ifname}: {exc}") from exc
         for a in self.addresses:
             (announce.send_na if a.version == 6 else announce.send_garp)(self.ifname, mac,
                                                                            str(a))

@@ -11,9 +11,10 @@ real `resurrector` (polling the lease every --poll-ms) and an adopting file serv
              once every connection committed its first MiB, the origin is crashed (the lab's
              crash: cut at the gateway, then every process killed). From a capture in the peer's
              namespace and the resurrector's log, on this machine's one clock:
-               crash_to_first_byte_ms       the crash -> the first data segment of the service
-                                            reaching the peer (the standby's: nothing crosses
-                                            the cut), per connection: first, median, last;
+               crash_to_first_byte_ms       the crash -> the standby's first data segment to
+                                            the peer (captured on the standby's port of the
+                                            gateway's bridge, one routed hop before the peer),
+                                            per connection: first, median, last;
                first_byte_after_detect_ms   the resurrector seeing the lease expired -> that
                                             first data segment;
                detect_after_crash_ms        the crash -> the expiry seen (bounded by the TTL:
@@ -255,8 +256,15 @@ def _timeline_round(lab: Lab, workdir: Path, s: Settings, number: int) -> dict[s
                 cp.outbound_produced > 1 << 20 for cp in cps)
         wait_until(under_way, 120, what=f"{s.connections} downloads past their first MiB")
         lab.call("peer", store.close)
-        cap = Capture.in_lab(lab, "peer", "eth0", f"tcp and src port {PORT_FILES}",
-                             snaplen=80, path=workdir / "peer.pcap").start()
+        # on the standby's port of the gateway's bridge: whatever is seen there after the crash
+        # is the standby's (a segment the origin sent just before the cut may still reach the
+        # peer afterwards); the peer is one routed hop further
+        cap = Capture.in_lab(lab, "gw", lab.host("standby").gw_port or "",
+                             f"tcp and src port {PORT_FILES}", snaplen=80,
+                             path=workdir / "standby.pcap").start()
+        resets = Capture.in_lab(lab, "peer", "eth0", f"tcp port {PORT_FILES} and "
+                                "tcp[tcpflags] & tcp-rst != 0",
+                                path=workdir / "peer-rst.pcap").start()
         crashed_at = time.time()
         lab.crash("origin")
         timeline = sides.timeline(60)
@@ -264,6 +272,7 @@ def _timeline_round(lab: Lab, workdir: Path, s: Settings, number: int) -> dict[s
     finally:
         if cap is not None:
             cap.stop()
+            resets.stop()
         sides.close()
     segments = cap.segments()
     lines = out_text.split("\n") if out_text else []
@@ -278,7 +287,7 @@ def _timeline_round(lab: Lab, workdir: Path, s: Settings, number: int) -> dict[s
         "connections": s.connections, "whole": whole,
         "errors": [line for line in lines if not line.startswith("ok ")][:5] + (
             [err.strip()[-500:]] if clients.returncode else []),
-        "resets": sum(1 for seg in segments if seg.flags & RST),
+        "resets": len(resets.segments()),
         "resumed": len(first),
         "crash_to_first_byte_ms": {
             "first": round(per_conn[0], 1) if per_conn else None,
