@@ -87,7 +87,7 @@ TARGET_FIRST_BYTE_AFTER_DETECT_MS = 50.0
 TARGET_RESTORE_10K_S = 1.0
 TARGET_OVER_TTL_MS = 100.0
 TARGET_RESTORE_CONNECTIONS = 10_000
-FILE_BYTES = 32 << 20
+FILE_BYTES = 4 << 20  # each download: about 20 s at the default read rate
 LABEL = 46
 
 _DOWNLOADS = r"""
@@ -165,8 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="downloads under way at each timed crash (default 100)")
     parser.add_argument("--restore-connections", type=int, default=None,
                         help="idle connections crashed and restored at once (default 10000)")
-    parser.add_argument("--read-kbps", type=float, default=100.0,
-                        help="how fast each download is read, KB/s (default 100)")
+    parser.add_argument("--read-kbps", type=float, default=200.0,
+                        help="how fast each download is read, KB/s (default 200)")
     parser.add_argument("--ttl-ms", type=int, default=1000,
                         help="the checkpointer's lease TTL (default 1000)")
     parser.add_argument("--poll-ms", type=int, default=20,
