@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resurrector.daemon import DEFAULT_HANDOVER, HandoverRoutes, load
+from resurrector.daemon import DEFAULT_HANDOVER, HandoverRoutes, load, skip_kind
 
 BASE = ["--url", "redis://store:6379", "--keys", "/etc/tcpcp/keys.json", "--origin", "web1",
         "--serve", "10.0.0.80"]
@@ -67,3 +67,15 @@ def test_a_connection_goes_to_its_port_s_socket_else_the_bare_one(
     assert got == (Path(want) if want else None)
     expected = {*routes.values(), *([default] if default else [])} if items else {"/only"}
     assert set(parsed.paths) == {Path(x) for x in expected}
+
+
+@pytest.mark.parametrize(("reason", "kind"), [
+    ("refused: ICI rejected by ecn: expected a flow without ECN", "refused"),
+    ("no answer to 3 probes in 0.9 s (the peer is gone, or its path does not lead here)",
+     "no_answer"),
+    ("no hand-over socket serves its port (expected a --handover-socket PORT=PATH)", "unrouted"),
+    ("output log: expected 12 logged bytes from position 40, got 0", "restore_failed"),
+])
+def test_a_skipped_connection_s_reason_becomes_one_of_four_metric_labels(reason: str,
+                                                                        kind: str) -> None:
+    assert skip_kind(reason) == kind
