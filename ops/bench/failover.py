@@ -312,12 +312,17 @@ def _restore(lab: Lab, workdir: Path, s: Settings) -> dict[str, Any]:
     sides = Sides(lab, workdir, s, "bench-fo-restore", PORT_IDLE, "in-process").start()
     adopted: list[socket.socket] = []
     adopted_all = threading.Event()
+    failed: list[BaseException] = []
 
     def adopter() -> None:
-        for a in adopt(sides.handover):
-            adopted.append(a.sock)
-            if len(adopted) == n:
-                adopted_all.set()
+        try:
+            for a in adopt(sides.handover):
+                adopted.append(a.sock)
+                if len(adopted) == n:
+                    adopted_all.set()
+        except BaseException as exc:  # reported below, not lost with the thread
+            failed.append(exc)
+            adopted_all.set()
     with contextlib.ExitStack() as stack:
         stack.callback(sides.close)
         stack.callback(_close_all, adopted)
@@ -340,8 +345,14 @@ def _restore(lab: Lab, workdir: Path, s: Settings) -> dict[str, Any]:
         log.info("restore_registered", connections=n,
                  seconds=round(time.perf_counter() - t0, 1))
         lab.crash("origin")
+        # the crash killed the origin's processes, whose sockets the kernel closed; these are
+        # this process's, outside the namespace: close them as the crash would have (what
+        # they send dies at the cut), which also leaves descriptors for the adopted ones
+        _close_all(socks)
         timeline = sides.timeline(300)
         adopted_all.wait(120)
+        if failed:
+            log.error("adopter_failed", error=repr(failed[0]), adopted=len(adopted))
     restore_s = (timeline["restored_ms"] - timeline["claimed_ms"]) / 1000
     return {"connections": n, "resurrected": timeline["resurrected"],
             "adopted": len(adopted), "restore_s": round(restore_s, 3),
