@@ -73,16 +73,16 @@ def pids(name: str) -> list[int]:
 
 
 def kill_all(name: str, timeout: float = 5.0) -> list[int]:
-    """SIGKILL every process in the namespace and wait until they are gone."""
+    """SIGKILL every process in the namespace and wait until they are gone (dead or zombie).
+
+    It never reaps them: a zombie's exit status belongs to its parent (a Popen of this process
+    that reaps it in wait(); reaped here, that wait() would report 0 instead of -SIGKILL)."""
     victims = pids(name)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_alive(p) for p in victims):
-        for pid in victims:
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
         time.sleep(0.01)
     return victims
 
