@@ -41,9 +41,11 @@ class RecordingStore(CheckpointStore):
     """The real store; remembers when each successful renewal (or acquire) was sent."""
 
     ok_sent: list[float]
+    tried: list[float]  # every acquire sent, successful or not
 
     def lease_acquire(self, origin: str, holder: str, ttl_ms: int) -> int:
         sent = time.monotonic()
+        self.tried.append(sent)
         epoch = super().lease_acquire(origin, holder, ttl_ms)
         self.ok_sent.append(sent)
         return epoch
@@ -125,7 +127,7 @@ def keeper_on(url: str, keyring: KeyRing,  # noqa: F811
     config = StoreConfig.standalone(url, socket_timeout_s=0.5, connect_timeout_s=0.5)
     store = RecordingStore.connect(config, keyring)
     assert isinstance(store, RecordingStore)
-    store.ok_sent = []
+    store.ok_sent, store.tried = [], []
     metrics = CheckpointerMetrics.register(Registry())
     keeper = LeaseKeeper(store, origin=ORIGIN, holder="host-a", timing=TIMING,
                          freeze_all=flows.freeze_all, thaw_all=flows.thaw_all, metrics=metrics)
@@ -233,7 +235,9 @@ def test_a_standby_keeper_waits_for_the_claim_made_for_it_and_then_holds_the_cla
     config = StoreConfig.standalone(redis_server.url, socket_timeout_s=0.5,
                                     connect_timeout_s=0.5)
     with keeper_on(redis_server.url, keyring, flows) as (origin_keeper, _, _), \
-            CheckpointStore.connect(config, keyring) as store:
+            RecordingStore.connect(config, keyring) as store:
+        assert isinstance(store, RecordingStore)
+        store.ok_sent, store.tried = [], []
         plain = LeaseKeeper(store, origin=ORIGIN, holder="checkpointer@sb", timing=TIMING,
                             freeze_all=lambda: None, thaw_all=lambda: None)
         with plain:
@@ -242,19 +246,26 @@ def test_a_standby_keeper_waits_for_the_claim_made_for_it_and_then_holds_the_cla
         standby = LeaseKeeper(store, origin=ORIGIN, holder="checkpointer@sb",
                               timing=TIMING, freeze_all=standby_flows.freeze_all,
                               thaw_all=standby_flows.thaw_all, standby=True)
+        store.tried.clear()  # the plain keeper's attempt is not the standby's
         with standby:
-            time.sleep(2 * TTL_MS / 1000)  # its retries meet the live lease: it must wait
+            # its retries meet the live lease: after three of them it must still be waiting
+            wait_until(lambda: len(store.tried) >= 3, 5, what="three acquires refused")
             assert standby.state is LeaseState.ACQUIRING
             origin_keeper.stop()  # the origin dies: its lease runs out, unclaimed
             wait_until(lambda: admin.state(ORIGIN).lease_ms_left is None, 3,
                        what="the origin's lease expired")
-            time.sleep(2 * TIMING.retry / 1000)  # retries meet an owner not us: wait on
+            tried = len(store.tried)  # its retries now meet an owner that is not it
+            wait_until(lambda: len(store.tried) >= tried + 2, 5,
+                       what="two acquires refused after the expiry")
             assert standby.state is LeaseState.ACQUIRING
             seen = admin.state(ORIGIN)
             epoch = admin.claim(ORIGIN, "checkpointer@sb", seen.epoch, ttl_ms=TTL_MS)
             assert standby.wait_held(5), standby.state
             assert standby.epoch == epoch == seen.epoch + 1
-            time.sleep(2 * TTL_MS / 1000)  # it renews: the claim's short TTL is kept alive
+            # it renews: the claim's short TTL is kept alive past two TTLs of renewals
+            renewed = len(store.ok_sent)
+            wait_until(lambda: len(store.ok_sent) >= renewed + 2 * TTL_MS // TIMING.renew_ms,
+                       10, what="the standby keeper renewing the claimed lease")
             state = admin.state(ORIGIN)
             assert (state.owner, state.lease_holder, state.epoch) == (
                 "checkpointer@sb", "checkpointer@sb", epoch)
